@@ -35,6 +35,7 @@ class PandaConfig:
     patch_size: int = 14       # patch embedding kernel = stride
     lsd_window: int = 2        # LSD merges lsd_window x lsd_window patches into one token
     chunk_frames: int = 4      # LSTE and GSTRA see chunks of this many frames (release: 4)
+    letterbox: bool = True     # frames keep their aspect ratio on the canvas, with a 4th mask channel
     # --- STAB ---
     stab_dim: int = 1024       # width C of every STAB token
     stab_heads: int = 8        # heads of LSD, FSRA and GSTRA attention
@@ -74,6 +75,11 @@ class PandaConfig:
     def dim_per_head(self):
         return self.head_dim or self.d_model // self.n_heads
 
+    @property
+    def tokens_per_frame(self):  # a full (not letterboxed) frame: fused token + g rows of g cells and a split
+        g = self.image_size // (self.patch_size * self.lsd_window)
+        return 1 + g * (g + 1)
+
     @classmethod
     def preset(cls, name, **overrides):
         if name not in PRESETS:
@@ -88,11 +94,11 @@ PRESETS = {
     # unit tests: a few hundred thousand parameters, milliseconds per forward on a CPU
     "nano": dict(n_frames=4, image_size=32, patch_size=8, chunk_frames=2, stab_dim=32, stab_heads=2,
                  vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                 max_seq_len=256, stab_dropout=0.0),
+                 max_seq_len=256, stab_dropout=0.0, letterbox=False),
     # the default synthetic-video run: 8 frames of 48x48, a 3x3 token grid per frame
     "tiny": dict(n_frames=8, image_size=48, patch_size=8, chunk_frames=4, stab_dim=96, stab_heads=4,
                  vocab_size=128, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
-                 max_seq_len=256, stab_dropout=0.1),
+                 max_seq_len=256, stab_dropout=0.1, letterbox=False),
     # the release: 8 frames of 448x448, STAB width 1024, Vicuna-7B-shaped decoder
     "paper": dict(),
 }
@@ -113,16 +119,41 @@ class QueryAttention(nn.Module):
         self.kv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim, bias=bias))  # rows: [K; V]
         self.proj = nn.Linear(dim, dim)
         # The release (inherited from EVE) scales LSD/FSRA logits by C^-0.5 over the full width,
-        # not by head_dim^-0.5; GSTRA uses the standard head_dim^-0.5 (SDPA's default, None).
-        self.scale = dim ** -0.5 if full_width_scale else None
+        # not by head_dim^-0.5; GSTRA uses the standard head_dim^-0.5.
+        self.scale = dim ** -0.5 if full_width_scale else (dim // heads) ** -0.5
+
+    fast = True  # class-wide switch: False forces the plain path everywhere (tests compare the two)
 
     def forward(self, query, tokens, key_mask=None):  # (N, C), (N, L, C), (N, L) bool -> (N, C)
         N, L, C = tokens.shape
         q = self.q(query).view(N, self.heads, 1, C // self.heads)
-        k, v = self.kv(tokens).view(N, L, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (N, h, 1, d)
-        return query + self.proj(o.reshape(N, C))
+        if self.fast and L > self.heads:
+            return query + self.proj(self.pooled_attention(q[:, :, 0], tokens, key_mask).reshape(N, C))
+        k, v = self.kv(tokens).view(N, L, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (N, h, L, d)
+        # One query over a few keys, written out: a fused SDPA kernel has nothing to gain here, and
+        # fails once N reaches 65536 (LSD's windows of 32 videos at 448 px; PyTorch issue 181085).
+        a = self.softmax((q * k).sum(-1) * self.scale, key_mask)  # (N, h, L)
+        return query + self.proj((a[..., None] * v).sum(2).reshape(N, C))
+
+    @staticmethod
+    def softmax(logits, key_mask):  # (N, h, L), (N, L) bool -> weights over L, computed in fp32
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
+        return logits.float().softmax(-1).to(logits.dtype)
+
+    def pooled_attention(self, q, tokens, key_mask):  # q (N, h, d) -> (N, h, d)
+        """The same attention without a key and a value for every token. Per head,
+        q.(W_k x + b_k) = (W_k^T q).x + q.b_k, where q.b_k is the same for all tokens and cancels in
+        the softmax; and sum_l a_l (W_v x_l + b_v) = W_v (sum_l a_l x_l) + b_v since the a_l sum to 1.
+        So map the query back to token space (C numbers per head), attend over the normalised tokens
+        and project one pooled token per head: per query 2C^2 multiply-adds instead of 2LC^2, a win
+        when L > heads (GSTRA's 4096 tokens, FSRA's 256; LSD's 4-token windows stay plain)."""
+        h, d = q.shape[1:]
+        x = self.kv[0](tokens)  # (N, L, C)
+        w_k, w_v = self.kv[1].weight.view(2, h, d, -1)  # (h, d, C) each
+        logits = torch.einsum("nhd,hdc->nhc", q * self.scale, w_k) @ x.transpose(1, 2)  # (N, h, L)
+        o = torch.einsum("nhc,hdc->nhd", self.softmax(logits, key_mask) @ x, w_v)
+        return o if self.kv[1].bias is None else o + self.kv[1].bias.view(2, h, d)[1]
 
 
 class LSTE(nn.Module):
@@ -346,8 +377,11 @@ class Attention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v)
-        # Without a mask every query sees itself and what precedes it. With a mask (decoding
-        # after a padded prefill) the mask alone says what each query may see.
+        # Without a mask every query sees itself and what precedes it (SDPA aligns is_causal to the
+        # top left, so this is only right when the keys are exactly these L positions). With a mask
+        # (decoding after a padded prefill) the mask alone says what each query may see.
+        if mask is None and k.shape[2] != L:
+            raise ValueError(f"{k.shape[2]} cached keys for {L} queries: decoding with a cache needs a mask")
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
@@ -393,6 +427,25 @@ class KVCache:
         return k, v
 
 
+class StaticKVCache:
+    """KVCache in preallocated (B, nkv, max_len, hd) buffers, written in place at `slots`: shapes
+    never change, so a compiled decode step can replay one CUDA graph per token (as gpt-fast does).
+    Decoding attends over the whole buffer; the mask hides the slots not written yet."""
+
+    def __init__(self, cfg, batch, max_len, dtype, device):
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.dim_per_head)  # zeros: masked, and never NaN
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.layer, self.slots = 0, None  # slots (L_new,): where the next update writes
+
+    def update(self, k, v):
+        i, self.layer = self.layer, (self.layer + 1) % len(self.k)
+        self.k[i].index_copy_(2, self.slots, k)
+        self.v[i].index_copy_(2, self.slots, v)
+        # Only the prefill writes several slots, from slot 0: its own keys are all there is so far.
+        return (k, v) if k.shape[2] > 1 else (self.k[i], self.v[i])
+
+
 class Decoder(nn.Module):
     """A Llama-family decoder (Llama 2/3, Vicuna, Mistral, Qwen2, SmolLM): parameter names follow
     Hugging Face's so that checkpoints map one to one."""
@@ -412,6 +465,13 @@ class Decoder(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # .to(torch.bfloat16) would round the rotary frequencies too (an angle error of radians at
+        # position 2000): recompute them in fp32 on whatever device the module went to.
+        self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
 
     def forward(self, x, positions, mask=None, cache=None):
         """x (B, L, d) embeddings at positions (B or 1, L) -> final hidden states (B, L, d)."""
@@ -515,27 +575,35 @@ class VideoPanda(nn.Module):
 
     @torch.no_grad()
     def generate(self, videos, input_ids, lengths=None, max_new_tokens=32, temperature=0.0, top_k=None,
-                 eos_id=None, generator=None):
+                 eos_id=None, generator=None, static_cache=False):
         """Answer each prompt; returns new tokens (B, n) with eos_id after a row has finished."""
-        steps = list(self.stream(videos, input_ids, lengths, max_new_tokens, temperature, top_k, eos_id, generator))
+        steps = list(self.stream(videos, input_ids, lengths, max_new_tokens, temperature, top_k, eos_id, generator,
+                                 static_cache))
         return torch.stack(steps, 1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
 
     @torch.no_grad()
     def stream(self, videos, input_ids, lengths=None, max_new_tokens=32, temperature=0.0, top_k=None,
-               eos_id=None, generator=None):
+               eos_id=None, generator=None, static_cache=False):
         """Yield the next token of every row (B,), one step at a time: prefill the video and prompt
-        once into the KV cache, then run one position per generated token."""
+        once into the KV cache, then run one position per generated token. static_cache: True (or a
+        StaticKVCache to reuse, with room for the prompt and the new tokens) preallocates the cache."""
         x, _, seq_len = self.embed_inputs(videos, input_ids, lengths=lengths)
         B, L, _ = x.shape
         if L + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the context "
                              f"max_seq_len={self.cfg.max_seq_len}; lower max_new_tokens")
-        cache = KVCache(self.cfg.n_layers)
-        h = self.decoder(x, torch.arange(L, device=x.device)[None], cache=cache)
+        static = StaticKVCache(self.cfg, B, L + max_new_tokens, x.dtype, x.device) if static_cache is True \
+            else static_cache
+        if static and static.k[0].shape[2] < L + max_new_tokens:
+            raise ValueError(f"the static cache has {static.k[0].shape[2]} slots; this needs {L + max_new_tokens}")
+        cache = static or KVCache(self.cfg.n_layers)
+        slots = torch.arange(static.k[0].shape[2] if static else L + max_new_tokens, device=x.device)
+        cache.slots = slots[:L]  # where a static cache writes (the plain one appends)
+        h = self.decoder(x, slots[None, :L], cache=cache)
         logits = self.decoder.lm_head(h[torch.arange(B), seq_len - 1])
         # Rows are right-padded to L, so new tokens of shorter rows sit after a gap of padding
         # in the cache: the mask hides that gap and positions continue from each row's length.
-        visible = torch.arange(L, device=x.device)[None] < seq_len[:, None]  # (B, L)
+        visible = slots[None] < seq_len[:, None]  # (B, slots)
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         for step in range(max_new_tokens):
             token = sample_token(logits, temperature, top_k, generator)
@@ -545,10 +613,16 @@ class VideoPanda(nn.Module):
             yield token
             if done.all() or step == max_new_tokens - 1:
                 return
-            visible = torch.cat([visible, visible.new_ones(B, 1)], 1)
+            visible[:, L + step] = True  # the new token's slot
+            cache.slots = slots[L + step:L + step + 1]
             emb = self.decoder.embed_tokens(token[:, None]).to(x.dtype)
-            h = self.decoder(emb, (seq_len + step)[:, None], mask=visible[:, None, None, :], cache=cache)
-            logits = self.decoder.lm_head(h[:, -1])
+            mask = visible if static else visible[:, :L + step + 1]  # the plain cache has no empty slots
+            logits = self.decode_step(emb, (seq_len + step)[:, None], mask[:, None, None, :], cache)
+
+    def decode_step(self, emb, positions, mask, cache):
+        """One new token per row, embedded (B, 1, d) -> next-token logits (B, vocab). A method of its
+        own so that it can be compiled: with a StaticKVCache its shapes are the same at every step."""
+        return self.decoder.lm_head(self.decoder(emb, positions, mask=mask, cache=cache)[:, -1])
 
 
 def sample_token(logits, temperature=0.0, top_k=None, generator=None):

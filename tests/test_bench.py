@@ -1,0 +1,45 @@
+"""bench.py runs (a CPU smoke run with tiny models) and counts work as the spec does. Timings are
+never asserted: they depend on the machine."""
+
+import json
+
+import pytest
+
+import bench
+from panda import PandaConfig
+
+
+def test_mac_count_is_the_specs_105_4_gmac_per_video():
+    cfg = PandaConfig.preset("paper")
+    assert bench.stab_macs(cfg) / 1e9 == pytest.approx(105.4, abs=0.1)  # spec F.1 and Table 3 (105.5)
+    # The pooled-attention rewrite skips GSTRA's (17.2 G) and FSRA's (4.3 G) key/value projections.
+    assert bench.stab_macs(cfg, pooled=True) / 1e9 == pytest.approx(105.4 - 17.2 - 4.3, abs=0.3)
+
+
+def test_vit_l14_mac_count():
+    # ViT-L/14 at 224 px: ~81 GMAC per image (fvcore's "81 GFLOPs")
+    assert bench.vit_macs(1024, 24, 4096, 14, 224) / 1e9 == pytest.approx(81, abs=1)
+
+
+def test_cpu_smoke_run_writes_every_section(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--device=cpu", "--quick", f"--json={out}"])
+    results = json.loads(out.read_text())["results"]
+    sections = {r["section"] for r in results}
+    assert {"peak", "stab", "vit", "decode", "train"} <= sections
+    assert {r["channels"] for r in results if r["section"] == "stab"} == {3, 4}
+    assert {r["name"] for r in results if r["section"] == "decode"} >= {"eager, plain KVCache", "eager, StaticKVCache"}
+    printed = capsys.readouterr().out
+    for title in ("== panda bench on CPU", "[1] STAB + projector", "[2] ViT-L/14", "[3] whole model", "[4] training"):
+        assert title in printed
+
+
+def test_only_runs_the_named_sections(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--device=cpu", "--quick", "--only=decode", f"--json={out}"])
+    assert {r["section"] for r in json.loads(out.read_text())["results"]} == {"peak", "decode"}
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(SystemExit):
+        bench.main(["--device=cpu", "--only=stab,nonsense"])
