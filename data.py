@@ -63,9 +63,11 @@ SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
           "yellow": (255, 255, 0), "white": (255, 255, 255)}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy); y grows down
-CELL_NAMES = ("top left", "top", "top right",  # the 3x3 grid the model sees, row by row
+CELL_NAMES = ("top left", "top", "top right",  # a 3x3 grid of cells, row by row
               "left", "center", "right",
               "bottom left", "bottom", "bottom right")
+QUADRANT_NAMES = ("top left", "top right", "bottom left", "bottom right")  # a 2x2 grid
+GRID_NAMES = {3: CELL_NAMES, 2: QUADRANT_NAMES}  # 'where' answers name the cells of the model's token grid
 COUNT_WORDS = ("zero", "one", "two", "three")  # indexed by the count
 EVENTS = ("appear", "disappear")
 
@@ -76,6 +78,10 @@ EVENTS = ("appear", "disappear")
 HELDOUT_PAIRS = frozenset({("circle", "white"), ("square", "yellow"),
                            ("triangle", "yellow"), ("cross", "white")})
 SPLIT_SEEDS = {"train": 0, "heldout": 1, "test": 2}  # test: unseen clips, no held-out pairs
+# Kinds whose answer names the subject's colour or shape. In "heldout" a novel subject would make
+# the answer a word that never followed this question in training: that tests the language prior,
+# not vision. So there the novel object is a distractor the model must see past.
+NAMES_SUBJECT = ("color", "shape", "which_event", "color_change")
 
 QUESTIONS = {  # kind: (family, weight within its family, template); the subject is always objects[0]
     "color": ("spatial", 1, "what color is the {shape}?"),
@@ -161,16 +167,16 @@ def pick_look(rng, n_colors, novel, used_shapes, used_colors):
     return shape, colors
 
 
-def plan_path(behavior, rng, n_frames, size):
+def plan_path(behavior, rng, n_frames, size, grid=3):
     """Per-frame centres (T, 2) as (x, y), and the direction of motion (None unless moving)."""
     low, high = object_radius(size), size - 1 - object_radius(size)  # centres that keep it whole
     if behavior != "move":  # resting objects sit near a cell centre, so 'where' is never borderline
-        row, col = divmod(int(rng.integers(9)), 3)
+        row, col = divmod(int(rng.integers(grid * grid)), grid)
         jitter = size // 48
-        x, y = (round((i + 0.5) * size / 3) + int(rng.integers(-jitter, jitter + 1)) for i in (col, row))
+        x, y = (round((i + 0.5) * size / grid) + int(rng.integers(-jitter, jitter + 1)) for i in (col, row))
         return np.tile([x, y], (n_frames, 1)), None
     direction = str(rng.choice(list(DIRECTIONS)))
-    speed = min(rng.uniform(2.0, 3.0) * size / 48, 0.6 * (high - low) / (n_frames - 1))  # px per frame
+    speed = min(rng.uniform(3.0, 4.0) * size / 48, 0.85 * (high - low) / (n_frames - 1))  # px per frame
     travel = np.round(np.arange(n_frames) * speed).astype(int)  # (T,)
     along = int(rng.integers(low, high - travel[-1] + 1)) + travel  # increasing, whole path in frame
     if sum(DIRECTIONS[direction]) < 0:
@@ -186,8 +192,8 @@ def event_frame(rng, n_frames):
     return int(rng.integers(margin, n_frames - margin + 1))
 
 
-def make_object(behavior, shape, colors, rng, n_frames, size):
-    centers, direction = plan_path(behavior, rng, n_frames, size)
+def make_object(behavior, shape, colors, rng, n_frames, size, grid=3):
+    centers, direction = plan_path(behavior, rng, n_frames, size, grid)
     frames = np.arange(n_frames)
     visible, frame_colors = np.ones(n_frames, dtype=bool), [colors[0]] * n_frames
     if behavior in ("appear", "disappear", "change"):
@@ -233,18 +239,18 @@ def render(objects, n_frames, size):
     return video
 
 
-def cell_name(center, size):
-    col, row = (min(int(3 * c / size), 2) for c in center)
-    return CELL_NAMES[3 * row + col]
+def cell_name(center, size, grid=3):
+    col, row = (min(int(grid * c / size), grid - 1) for c in center)
+    return GRID_NAMES[grid][grid * row + col]
 
 
-def ask(kind, objects, size):
+def ask(kind, objects, size, grid=3):
     """The question about objects[0] (the subject) and its short answer."""
     subject = objects[0]
     color, shape = subject.colors[0], subject.shape
     question = QUESTIONS[kind][2].format(shape=shape, color=color, event=subject.behavior)
     answers = {"color": color, "shape": shape, "count": COUNT_WORDS[len(objects)],
-               "where": cell_name(subject.centers[0], size), "direction": subject.direction,
+               "where": cell_name(subject.centers[0], size, grid), "direction": subject.direction,
                "appear_or_disappear": subject.behavior, "which_event": f"{color} {shape}",
                "color_change": subject.colors[-1],
                "moves": "yes" if subject.behavior == "move" else "no"}
@@ -262,18 +268,21 @@ def valid_kinds(subject, objects):
     return kinds
 
 
-def more_questions(sample, n, size, rng):
+def more_questions(sample, n, size, rng, grid=3):
     """Up to n further (question, answer) pairs about the sample's scene, other than its own question:
     more supervision per rendered clip, as real instruction data has several turns per video."""
-    pairs = {ask(kind, [o] + [p for p in sample.objects if p is not o], size)
+    pairs = {ask(kind, [o] + [p for p in sample.objects if p is not o], size, grid)
              for o in sample.objects for kind in valid_kinds(o, sample.objects)}
     pairs.discard((sample.question, sample.answer))
     pairs = sorted(pairs)
     return [pairs[i] for i in rng.permutation(len(pairs))[:n]]
 
 
-def make_sample(index, split="train", n_frames=8, size=48):
-    """Sample number `index` of a split: the same clip, question and answer on every machine."""
+def make_sample(index, split="train", n_frames=8, size=48, grid=3):
+    """Sample number `index` of a split: the same clip, question and answer on every machine.
+    grid: 'where' answers name the cells of a grid x grid split of the frame (the model's token grid)."""
+    if grid not in GRID_NAMES:
+        raise ValueError(f"grid must be one of {sorted(GRID_NAMES)}, got {grid}")
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {list(SPLIT_SEEDS)}, got {split!r}")
     if n_frames < 2 or size < 24:
@@ -281,17 +290,24 @@ def make_sample(index, split="train", n_frames=8, size=48):
     rng = np.random.default_rng([SPLIT_SEEDS[split], index])  # no global RNG: reproducible anywhere
     kind = str(rng.choice(list(QUESTIONS), p=kind_probabilities()))
     behaviors = plan_behaviors(kind, rng)
+    novel = None  # which object wears a held-out (shape, colour) pair
+    if split == "heldout":
+        if kind in NAMES_SUBJECT and len(behaviors) == 1:
+            behaviors.append(str(rng.choice(["still", "move"])))
+        novel = len(behaviors) - 1 if kind in NAMES_SUBJECT else 0
     used_shapes, used_colors = set(), set()
-    looks = [pick_look(rng, 2 if behavior == "change" else 1, split == "heldout" and i == 0,
-                       used_shapes, used_colors) for i, behavior in enumerate(behaviors)]
+    looks = {}
+    for i in sorted(range(len(behaviors)), key=lambda i: i != novel):  # the novel look first: its pair is rarest
+        looks[i] = pick_look(rng, 2 if behaviors[i] == "change" else 1, i == novel, used_shapes, used_colors)
+    looks = [looks[i] for i in range(len(behaviors))]
     for _ in range(10_000):  # resample positions until no object hides or touches another (~3 tries)
-        objects = [make_object(behavior, shape, colors, rng, n_frames, size)
+        objects = [make_object(behavior, shape, colors, rng, n_frames, size, grid)
                    for behavior, (shape, colors) in zip(behaviors, looks)]
         if not any(overlaps(a, b, size) for a, b in itertools.combinations(objects, 2)):
             break
     else:
         raise RuntimeError(f"could not place {len(objects)} objects apart in a {size}x{size} frame")
-    question, answer = ask(kind, objects, size)
+    question, answer = ask(kind, objects, size, grid)
     return Sample(render(objects, n_frames, size), question, answer, QUESTIONS[kind][0], kind, objects)
 
 
@@ -382,20 +398,22 @@ class SyntheticQA:
     """The synthetic task as an endless, deterministic stream: batch(i, B) holds samples i..i+B-1,
     so a checkpoint that stores the next index resumes exactly the same data."""
 
-    def __init__(self, tokenizer, split="train", n_frames=8, size=48, questions_per_clip=1):
+    def __init__(self, tokenizer, split="train", n_frames=8, size=48, questions_per_clip=1, grid=3):
         self.tokenizer, self.split, self.n_frames, self.size = tokenizer, split, n_frames, size
-        self.questions_per_clip = questions_per_clip
+        self.questions_per_clip, self.grid = questions_per_clip, grid
 
     def __getitem__(self, index):
-        sample = make_sample(index, self.split, self.n_frames, self.size)
+        sample = make_sample(index, self.split, self.n_frames, self.size, self.grid)
         rng = np.random.default_rng([SPLIT_SEEDS[self.split], index, 1])
-        more = more_questions(sample, self.questions_per_clip - 1, self.size, rng)
+        more = more_questions(sample, self.questions_per_clip - 1, self.size, rng, self.grid)
         input_ids, labels = encode_example(self.tokenizer, sample.question, sample.answer, more)
         return {"video": sample.video, "input_ids": input_ids, "labels": labels, "sample": sample}
 
     def batch(self, start_index, batch_size):
+        """collate()'s tensors, and "samples": the Samples (ground truth, e.g. for oracle_features)."""
         examples = [self[i] for i in range(start_index, start_index + batch_size)]
-        return collate(examples, pad_id=self.tokenizer.token_to_id("<pad>"))
+        batch = collate(examples, pad_id=self.tokenizer.token_to_id("<pad>"))
+        return batch | {"samples": [e["sample"] for e in examples]}
 
 
 # --- scoring --------------------------------------------------------------------------------
@@ -416,6 +434,38 @@ def exact_match(records):
         for key in (family, "all"):
             hits.setdefault(key, []).append(correct)
     return {key: sum(values) / len(values) for key, values in hits.items()}
+
+
+# --- an oracle teacher for distillation (spec D) --------------------------------------------
+
+# The oracle's feature channels, in order: D = 16.
+ORACLE_FEATURES = (*SHAPES, *COLORS, *DIRECTIONS, "still", "visible", "coverage")
+
+
+def oracle_features(sample, grid):
+    """A perfect frozen 'teacher' read off the generator's ground truth instead of the pixels: float32
+    (T, grid, grid, 16) for a grid x grid cell layout (the model's LSD grid, PandaConfig.grid). Per cell,
+    the object covering most of it gives one-hots of its shape, its colour in that frame and its motion
+    (left, right, up, down or still), then 1 ("visible": an object is seen here) and the fraction of the
+    cell it covers (channels ORACLE_FEATURES). Cells no object covers are all zero; their cosine similarity
+    to any prediction is 0, so they add a constant 1 to the per-cell distillation loss (1 - cosine)."""
+    T, size = sample.video.shape[:2]
+    if size % grid:
+        raise ValueError(f"a {size}-pixel frame does not split into {grid} x {grid} whole cells")
+    cell, channel = size // grid, {name: i for i, name in enumerate(ORACLE_FEATURES)}
+    coverage = np.zeros((len(sample.objects), T, grid, grid))  # (O, T, g, g)
+    features = np.zeros((len(sample.objects), T, len(ORACLE_FEATURES)), dtype=np.float32)  # (O, T, D)
+    for i, obj in enumerate(sample.objects):
+        for t in np.flatnonzero(obj.visible):  # the very masks render() paints
+            mask = shape_mask(obj.shape, obj.centers[t], object_radius(size), size)  # (H, W)
+            coverage[i, t] = mask.reshape(grid, cell, grid, cell).mean((1, 3))
+            hot = [obj.shape, obj.colors[t], obj.direction or "still", "visible"]
+            features[i, t, [channel[name] for name in hot]] = 1
+    best = coverage.argmax(0)  # (T, g, g): the object covering most of each cell (objects never overlap)
+    out = features[best, np.arange(T)[:, None, None]]  # (T, g, g, D)
+    out[..., channel["coverage"]] = coverage.max(0)
+    out[coverage.max(0) == 0] = 0
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,6 +728,28 @@ def resize_center_crop(frames, size):
 def hflip(video):
     """Mirror a clip (T, C, H, W) left-right: every frame, and the mask channel with them (spec H.14)."""
     return video.flip(-1)
+
+
+def geometry_options(cfg):
+    """The frame options of VideoTextDataset that match a model's PandaConfig (read duck-typed:
+    data.py does not import panda.py): the frames a model is given must be the frames it was built for."""
+    return dict(n_frames=cfg.n_frames, geometry="letterbox" if cfg.letterbox else "center_crop",
+                size=cfg.image_size, patch=cfg.patch_size, window=cfg.lsd_window)
+
+
+def frames_for_model(frames, cfg):
+    """uint8 frames (T, H, W, 3) -> the float tensor (T, C, S, S) a model with PandaConfig cfg takes:
+    letterboxed with the mask channel (C = 4) when cfg.letterbox, else resized and centre-cropped (C = 3)."""
+    if cfg.letterbox:
+        return letterbox(frames, cfg.image_size, cfg.patch_size, cfg.lsd_window)
+    return resize_center_crop(frames, cfg.image_size)
+
+
+def video_tensor(path, cfg, threads=0):
+    """A video file -> (T, C, S, S) for a model with PandaConfig cfg: cfg.n_frames frames sampled as
+    the release does, never flipped (inference is deterministic, spec 0 item 5). Bad files: VideoError."""
+    frames, _ = read_video(path, cfg.n_frames, threads)  # (T, H, W, 3) uint8
+    return frames_for_model(frames, cfg)
 
 
 def visual_token_count(mask_or_valid_hw, patch=14, window=2):

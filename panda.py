@@ -16,6 +16,7 @@ released weights give the released outputs); each such place says how the paper 
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -60,8 +61,18 @@ class PandaConfig:
     qkv_bias: bool = False     # Qwen2 has biases on q/k/v projections
     tie_embeddings: bool = False  # lm_head shares the token embedding (small models)
     grad_checkpoint: bool = False  # recompute decoder blocks in backward to save memory
+    # --- ablations (paper Table 4); the defaults are the full model. Switched-off modules are not built.
+    split_tokens: bool = True  # False: rows are not closed by a split token
+    fsra: bool = True          # False: the fused token is fuse(chunk token) alone
+    lsd: str = "attention"     # "avgpool": each window's plain average replaces LSD's attention
+    lste: bool = True          # False: patch embeddings go unchanged to GSTRA and LSD (and are added once)
+    gstra: bool = True         # False: the fused token is fuse(frame token) alone
 
     def __post_init__(self):
+        if self.lsd not in ("attention", "avgpool"):
+            raise ValueError(f"lsd must be 'attention' or 'avgpool', got {self.lsd!r}")
+        if not (self.fsra or self.gstra):
+            raise ValueError("fsra=False and gstra=False leave the fused token no context: keep one of them")
         if self.n_frames % self.chunk_frames:
             raise ValueError(f"n_frames={self.n_frames} must be a multiple of chunk_frames={self.chunk_frames}")
         if self.stab_dim % self.stab_heads or self.n_heads % self.n_kv_heads:
@@ -76,9 +87,12 @@ class PandaConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     @property
-    def tokens_per_frame(self):  # a full (not letterboxed) frame: fused token + g rows of g cells and a split
-        g = self.image_size // (self.patch_size * self.lsd_window)
-        return 1 + g * (g + 1)
+    def grid(self):  # cells per side of a full frame's LSD grid
+        return self.image_size // (self.patch_size * self.lsd_window)
+
+    @property
+    def tokens_per_frame(self):  # a full (not letterboxed) frame: fused token + g rows of g cells (and a split)
+        return 1 + self.grid * (self.grid + self.split_tokens)
 
     @classmethod
     def preset(cls, name, **overrides):
@@ -123,37 +137,60 @@ class QueryAttention(nn.Module):
         self.scale = dim ** -0.5 if full_width_scale else (dim // heads) ** -0.5
 
     fast = True  # class-wide switch: False forces the plain path everywhere (tests compare the two)
+    keep_weights = False  # set by attention_maps(): store the softmax weights as .weights (N, h, L)
 
     def forward(self, query, tokens, key_mask=None):  # (N, C), (N, L, C), (N, L) bool -> (N, C)
         N, L, C = tokens.shape
-        q = self.q(query).view(N, self.heads, 1, C // self.heads)
-        if self.fast and L > self.heads:
-            return query + self.proj(self.pooled_attention(q[:, :, 0], tokens, key_mask).reshape(N, C))
-        k, v = self.kv(tokens).view(N, L, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (N, h, L, d)
-        # One query over a few keys, written out: a fused SDPA kernel has nothing to gain here, and
-        # fails once N reaches 65536 (LSD's windows of 32 videos at 448 px; PyTorch issue 181085).
-        a = self.softmax((q * k).sum(-1) * self.scale, key_mask)  # (N, h, L)
-        return query + self.proj((a[..., None] * v).sum(2).reshape(N, C))
+        h, d = self.heads, C // self.heads
+        q = self.q(query).view(N, h, 1, d)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, L)
+        if self.fast and L > h and not self.keep_weights:
+            o = self.pooled_attention(q, tokens, mask)
+        else:
+            # One query over a few keys (LSD's windows), written out rather than through SDPA: a fused
+            # kernel has nothing to gain here and fails once N reaches 65536 windows (PyTorch issue
+            # 181085; LSD at 32 videos of 448 px). Written out, it can also keep its weights.
+            k, v = self.kv(tokens).view(N, L, 2, h, d).permute(2, 0, 3, 1, 4)  # (N, h, L, d) each
+            logits = (q * k).sum(-1) * self.scale  # (N, h, L)
+            if key_mask is not None:
+                logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
+            a = logits.float().softmax(-1).to(q.dtype)
+            if self.keep_weights:
+                self.weights = a.detach()
+            o = (a[..., None] * v).sum(2)  # (N, h, d)
+        return query + self.proj(o.reshape(N, C))
 
-    @staticmethod
-    def softmax(logits, key_mask):  # (N, h, L), (N, L) bool -> weights over L, computed in fp32
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
-        return logits.float().softmax(-1).to(logits.dtype)
-
-    def pooled_attention(self, q, tokens, key_mask):  # q (N, h, d) -> (N, h, d)
+    def pooled_attention(self, q, tokens, mask):  # q (N, h, 1, d) -> (N, h, 1, d)
         """The same attention without a key and a value for every token. Per head,
         q.(W_k x + b_k) = (W_k^T q).x + q.b_k, where q.b_k is the same for all tokens and cancels in
         the softmax; and sum_l a_l (W_v x_l + b_v) = W_v (sum_l a_l x_l) + b_v since the a_l sum to 1.
         So map the query back to token space (C numbers per head), attend over the normalised tokens
-        and project one pooled token per head: per query 2C^2 multiply-adds instead of 2LC^2, a win
-        when L > heads (GSTRA's 4096 tokens, FSRA's 256; LSD's 4-token windows stay plain)."""
-        h, d = q.shape[1:]
-        x = self.kv[0](tokens)  # (N, L, C)
+        themselves (one shared "key head" for all h query heads), and project one pooled token per
+        head: per query 2C^2 multiply-adds instead of 2LC^2, a win when L > heads (GSTRA's 4096
+        tokens, FSRA's 256; LSD's 4-token windows stay plain)."""
+        h, d = q.shape[1], q.shape[-1]
+        x = self.kv[0](tokens)[:, None]  # (N, 1, L, C)
         w_k, w_v = self.kv[1].weight.view(2, h, d, -1)  # (h, d, C) each
-        logits = torch.einsum("nhd,hdc->nhc", q * self.scale, w_k) @ x.transpose(1, 2)  # (N, h, L)
-        o = torch.einsum("nhc,hdc->nhd", self.softmax(logits, key_mask) @ x, w_v)
-        return o if self.kv[1].bias is None else o + self.kv[1].bias.view(2, h, d)[1]
+        pooled = F.scaled_dot_product_attention(q @ w_k, x, x, attn_mask=mask, scale=self.scale,
+                                                enable_gqa=True)  # (N, h, 1, C)
+        o = pooled @ w_v.transpose(1, 2)  # (N, h, 1, d)
+        return o if self.kv[1].bias is None else o + self.kv[1].bias.view(2, h, 1, d)[1]
+
+
+@contextmanager
+def attention_maps(model):
+    """Inside `with attention_maps(model) as maps:` every QueryAttention takes the plain path and keeps
+    its softmax weights; on leaving, maps = {module name: weights (N, heads, L) of its last call}, e.g.
+    "stab.lsd.attn". Outside the block nothing is stored, so the default forward pays nothing."""
+    modules, maps = {n: m for n, m in model.named_modules() if isinstance(m, QueryAttention)}, {}
+    for m in modules.values():
+        m.fast, m.keep_weights = False, True  # instance attributes shadow the class defaults
+    try:
+        yield maps
+    finally:
+        for name, m in modules.items():
+            maps[name] = m.__dict__.pop("weights", None)  # None: it was not called inside the block
+            del m.fast, m.keep_weights
 
 
 class LSTE(nn.Module):
@@ -217,13 +254,14 @@ class LSD(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.s = cfg.lsd_window
-        self.attn = QueryAttention(cfg.stab_dim, cfg.stab_heads)
+        self.attn = QueryAttention(cfg.stab_dim, cfg.stab_heads) if cfg.lsd == "attention" else None
 
     def forward(self, x):  # (F, H, W, C) -> (F, H/s, W/s, C)
         Fr, H, W, C = x.shape
         s, h, w = self.s, H // self.s, W // self.s
         windows = x.view(Fr, h, s, w, s, C).permute(0, 1, 3, 2, 4, 5).reshape(Fr * h * w, s * s, C)
-        return self.attn(windows.mean(1), windows).view(Fr, h, w, C)
+        mean = windows.mean(1)  # (F*h*w, C); with lsd="avgpool" (Table 4's "w/o LSD") the output itself
+        return (mean if self.attn is None else self.attn(mean, windows)).view(Fr, h, w, C)
 
 
 class FSRA(nn.Module):
@@ -249,13 +287,14 @@ class STAB(nn.Module):
         self.cfg = cfg
         C = cfg.stab_dim
         self.patch_embed = nn.Conv2d(3, C, cfg.patch_size, cfg.patch_size, bias=False)
-        self.lste = LSTE(cfg)
-        self.gstra = GSTRA(cfg)
+        # Ablations (cfg.lste, gstra, fsra, split_tokens) leave their modules as None: no parameters.
+        self.lste = LSTE(cfg) if cfg.lste else None
+        self.gstra = GSTRA(cfg) if cfg.gstra else None
         self.lsd = LSD(cfg)
-        self.fsra = FSRA(cfg)
-        self.balance = nn.Parameter(torch.zeros(C))  # sigmoid(0) = 0.5: chunk and frame context mixed evenly
+        self.fsra = FSRA(cfg) if cfg.fsra else None
+        self.balance = nn.Parameter(torch.zeros(C)) if cfg.gstra and cfg.fsra else None  # sigmoid(0): even mix
         self.fuse = nn.Sequential(nn.LayerNorm(C), nn.Dropout(cfg.stab_dropout), nn.Linear(C, C))
-        self.split_token = nn.Parameter(torch.randn(C))
+        self.split_token = nn.Parameter(torch.randn(C)) if cfg.split_tokens else None
 
     def forward(self, video):
         """video (B, T, 3 or 4, S, S) -> tokens (B, L, C) and lengths (B,).
@@ -263,36 +302,42 @@ class STAB(nn.Module):
         is a rectangle shared by its frames. Videos with a smaller box get fewer tokens: they are
         packed to the left and padded to the longest video's L."""
         cfg = self.cfg
-        B, T, _, S, _ = video.shape
+        B, T = video.shape[:2]
         k, C = cfg.chunk_frames, cfg.stab_dim
         p = self.patch_embed(video[:, :, :3].flatten(0, 1))  # (B*T, C, Hp, Wp)
         Hp, Wp = p.shape[-2:]
 
         # LSTE and GSTRA run on chunks of k frames, chunks folded into the batch.
         chunks = p.view(B * T // k, k, C, Hp, Wp).transpose(1, 2)  # (B*T/k, C, k, Hp, Wp)
-        local = self.lste(chunks)
-        chunk_token = self.gstra(local.flatten(2).transpose(1, 2))  # (B*T/k, C)
+        local = self.lste(chunks) if cfg.lste else chunks
+        chunk_token = self.gstra(local.flatten(2).transpose(1, 2)) if cfg.gstra else None  # (B*T/k, C)
         # The release adds the raw patch embeddings once more (LSTE's residual already holds them):
-        # the identity path is doubled, which the paper's equations do not show.
-        x = (local + chunks).transpose(1, 2).reshape(B * T, C, Hp, Wp).permute(0, 2, 3, 1)  # (B*T, Hp, Wp, C)
+        # the identity path is doubled, which the paper's equations do not show. Without LSTE: once.
+        x = (local + chunks) if cfg.lste else chunks
+        x = x.transpose(1, 2).reshape(B * T, C, Hp, Wp).permute(0, 2, 3, 1)  # (B*T, Hp, Wp, C)
 
         grid = self.lsd(x)  # (B*T, h, w, C)
         h, w = grid.shape[1:3]
         valid = self.valid_cells(video, h, w)  # (B, h, w) bool, or None when every cell is valid
         frame_valid = None if valid is None else valid.repeat_interleave(T, 0).flatten(1)
-        frame_token = self.fsra(grid.flatten(1, 2), frame_valid)  # (B*T, C)
+        frame_token = self.fsra(grid.flatten(1, 2), frame_valid) if cfg.fsra else None  # (B*T, C)
 
-        alpha = torch.sigmoid(self.balance)
-        chunk_token = chunk_token.repeat_interleave(k, 0)  # (B*T, C): frames of chunk j use token j
-        fused = self.fuse((1 - alpha) * chunk_token + alpha * frame_token)
+        if cfg.gstra:
+            chunk_token = chunk_token.repeat_interleave(k, 0)  # (B*T, C): frames of chunk j use token j
+        if cfg.gstra and cfg.fsra:
+            alpha = torch.sigmoid(self.balance)
+            fused = self.fuse((1 - alpha) * chunk_token + alpha * frame_token)
+        else:  # ablation "w/o FSRA" or "w/o GSTRA": the one context left
+            fused = self.fuse(chunk_token if cfg.gstra else frame_token)
 
-        rows = torch.cat([grid, self.split_token.expand(B * T, h, 1, C)], 2)  # (B*T, h, w+1, C)
-        tokens = torch.cat([fused[:, None], rows.flatten(1, 2)], 1).view(B, T * (1 + h * (w + 1)), C)
+        n = int(cfg.split_tokens)  # split tokens per row, 1 or 0
+        rows = torch.cat([grid, self.split_token.expand(B * T, h, 1, C)], 2) if n else grid  # (B*T, h, w+n, C)
+        tokens = torch.cat([fused[:, None], rows.flatten(1, 2)], 1).view(B, T * (1 + h * (w + n)), C)
         if valid is None:
             return tokens, torch.full((B,), tokens.shape[1], device=video.device)
         # Keep the fused token, the valid cells, and the split token of every valid row.
-        keep_rows = torch.cat([valid, valid.any(2, keepdim=True)], 2).flatten(1)  # (B, h*(w+1))
-        keep = torch.cat([keep_rows.new_ones(B, 1), keep_rows], 1).repeat(1, T)  # (B, T*(1+h*(w+1)))
+        keep_rows = torch.cat([valid, valid.any(2, keepdim=True)[..., :n]], 2).flatten(1)  # (B, h*(w+n))
+        keep = torch.cat([keep_rows.new_ones(B, 1), keep_rows], 1).repeat(1, T)  # (B, T*(1+h*(w+n)))
         return pack_left(tokens, keep)
 
     def valid_cells(self, video, h, w):
@@ -473,17 +518,23 @@ class Decoder(nn.Module):
         self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
         return self
 
-    def forward(self, x, positions, mask=None, cache=None):
-        """x (B, L, d) embeddings at positions (B or 1, L) -> final hidden states (B, L, d)."""
+    def forward(self, x, positions, mask=None, cache=None, return_hidden=False):
+        """x (B, L, d) embeddings at positions (B or 1, L) -> final hidden states (B, L, d). return_hidden:
+        also the list of n_layers + 1 hidden states as Hugging Face counts them (distillation, spec D.1):
+        [0] the input embeddings, [i] block i's output, [n_layers] the final normed output."""
         angles = positions[..., None].float() * self.inv_freq  # (B or 1, L, hd/2)
         angles = torch.cat([angles, angles], -1)  # rotate-half layout: both halves share a frequency
         cos, sin = angles.cos(), angles.sin()
+        hidden = [x]
         for block in self.layers:
             if self.cfg.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache)
-        return self.norm(x)
+            if return_hidden:  # otherwise each block's output is freed as soon as the next one has run
+                hidden.append(x)
+        x = self.norm(x)
+        return (x, hidden[:-1] + [x]) if return_hidden else x
 
 
 # ============================================================================================
@@ -559,19 +610,23 @@ class VideoPanda(nn.Module):
             labels = torch.where(in_video | ~real, IGNORE_INDEX, labels.to(dev).gather(1, text_pos))
         return x, labels, out_len
 
-    def forward(self, videos, input_ids, labels=None, lengths=None, reduction="mean"):
+    def forward(self, videos, input_ids, labels=None, lengths=None, reduction="mean", return_hidden=False):
         """Without labels: logits (B, L, vocab) over the spliced sequence. With labels (B, S) aligned
         to input_ids (IGNORE_INDEX on everything but answer tokens): the next-token loss, averaged
-        over supervised tokens (reduction="mean") or summed ("sum", for exact accumulation)."""
+        over supervised tokens (reduction="mean") or summed ("sum", for exact accumulation).
+        return_hidden: (that, the decoder's hidden states), as Decoder.forward returns them."""
         x, labels, _ = self.embed_inputs(videos, input_ids, labels, lengths)
         # Right padding means causal masking alone is exact for every real position.
-        h = self.decoder(x, torch.arange(x.shape[1], device=x.device)[None])
+        h = self.decoder(x, torch.arange(x.shape[1], device=x.device)[None], return_hidden=return_hidden)
+        h, hidden = h if return_hidden else (h, None)
         if labels is None:
-            return self.decoder.lm_head(h)
-        targets = labels[:, 1:]
-        supervised = targets != IGNORE_INDEX  # only those positions need the (large) vocabulary head
-        logits = self.decoder.lm_head(h[:, :-1][supervised])
-        return F.cross_entropy(logits.float(), targets[supervised], reduction=reduction)
+            out = self.decoder.lm_head(h)
+        else:
+            targets = labels[:, 1:]
+            supervised = targets != IGNORE_INDEX  # only those positions need the (large) vocabulary head
+            logits = self.decoder.lm_head(h[:, :-1][supervised])
+            out = F.cross_entropy(logits.float(), targets[supervised], reduction=reduction)
+        return (out, hidden) if return_hidden else out
 
     @torch.no_grad()
     def generate(self, videos, input_ids, lengths=None, max_new_tokens=32, temperature=0.0, top_k=None,

@@ -76,7 +76,7 @@ def named(question, vocabulary):
     return found[0] if found else None
 
 
-def spatial_answer(kind, question, frame):
+def spatial_answer(kind, question, frame, grid=3):
     """The answer read from ONE frame."""
     shape, color = named(question, data.SHAPES), named(question, data.COLORS)
     if kind == "color":
@@ -93,7 +93,7 @@ def spatial_answer(kind, question, frame):
             return None
         x, y = centroid(mask)
         size = frame.shape[0]
-        return data.CELL_NAMES[3 * min(int(3 * y / size), 2) + min(int(3 * x / size), 2)]
+        return data.GRID_NAMES[grid][grid * min(int(grid * y / size), grid - 1) + min(int(grid * x / size), grid - 1)]
     raise ValueError(kind)
 
 
@@ -128,8 +128,8 @@ def temporal_answer(kind, question, video):
     raise ValueError(kind)
 
 
-def samples(n, split="train", n_frames=8, size=48, start=0):
-    return [data.make_sample(i, split, n_frames, size) for i in range(start, start + n)]
+def samples(n, split="train", n_frames=8, size=48, start=0, grid=3):
+    return [data.make_sample(i, split, n_frames, size, grid) for i in range(start, start + n)]
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +175,14 @@ def test_samples_do_not_depend_on_the_process_or_hash_seed():
 
 # --- answers agree with the pixels -----------------------------------------------------------
 
-@pytest.mark.parametrize("split,n_frames,size", [("train", 8, 48), ("heldout", 8, 48), ("test", 8, 48),
-                                                 ("train", 4, 32), ("train", 8, 64), ("heldout", 4, 48)])
-def test_every_answer_agrees_with_the_pixels(split, n_frames, size):
-    for s in samples(150, split, n_frames, size):
+@pytest.mark.parametrize("split,n_frames,size,grid", [
+    ("train", 8, 48, 3), ("heldout", 8, 48, 3), ("test", 8, 48, 3), ("train", 4, 32, 3), ("train", 8, 64, 3),
+    ("heldout", 4, 48, 3), ("train", 8, 48, 2), ("heldout", 8, 48, 2)])
+def test_every_answer_agrees_with_the_pixels(split, n_frames, size, grid):
+    for s in samples(150, split, n_frames, size, grid=grid):
         assert s.video.shape == (n_frames, size, size, 3) and s.video.dtype == np.uint8
         if s.kind in SPATIAL_KINDS:  # every single frame must give the same, right answer
-            answers = {spatial_answer(s.kind, s.question, frame) for frame in s.video}
+            answers = {spatial_answer(s.kind, s.question, frame, grid) for frame in s.video}
             assert answers == {s.answer}, (s.question, s.answer, answers)
         else:
             assert temporal_answer(s.kind, s.question, s.video) == s.answer, (s.question, s.answer)
@@ -225,11 +226,14 @@ def test_train_pixels_never_show_a_heldout_pair():
 
 
 def test_heldout_questions_are_about_heldout_pairs():
+    """The novel object is the subject unless the answer would name its colour or shape; then it
+    is a distractor, and the subject wears a training pair."""
     heldout = samples(400, "heldout")
     for s in heldout:
         assert worn_pairs(s) & data.HELDOUT_PAIRS
         subject = s.objects[0]
-        assert (subject.shape, subject.colors[-1]) in data.HELDOUT_PAIRS
+        subject_is_novel = (subject.shape, subject.colors[-1]) in data.HELDOUT_PAIRS
+        assert subject_is_novel == (s.kind not in data.NAMES_SUBJECT), (s.kind, subject.shape, subject.colors)
     assert set().union(*(worn_pairs(s) for s in heldout)) >= data.HELDOUT_PAIRS
 
 
