@@ -223,6 +223,17 @@ def init_distributed(device):
     return device, dist.get_rank(), dist.get_world_size()
 
 
+def leave_process_group():
+    """The end of a torchrun process. Whatever holds the process group (DDP, FSDP's modules and their
+    sharded parameters) must be gone before the group is destroyed: a group that outlives its
+    destruction keeps gloo's threads running into the interpreter's exit, which then aborts now and
+    then ("terminate called without an active exception"), seen here with DDP and with FSDP."""
+    if dist.is_initialized():
+        gc.unfreeze()  # objects that gc.freeze() froze (real data) are never collected otherwise
+        gc.collect()  # main()'s models: FSDP's hold themselves in reference cycles
+        dist.destroy_process_group()
+
+
 def all_sum(values, device):
     """The numbers summed over all processes (one all-reduce for the list); themselves in a world of 1."""
     if not dist.is_initialized():
@@ -259,7 +270,9 @@ def shard(model, head, device):
     just before its forward and its backward, freed after), and its gradients are reduce-scattered (each
     process receives the average over processes of its own slice), so the gradient maths is DDP's. A
     7B model's 16 bytes per parameter of fp32 training state (weight, gradient, two Adam moments) is 112 GB
-    on one GPU, 14 GB on each of eight."""
+    on one GPU, 14 GB on each of eight. While micro-batches accumulate, FSDP reduce-scatters after each
+    one: set_requires_gradient_sync(False) would save that traffic, but only by keeping whole unsharded
+    gradients, the memory FSDP is here to save."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # here: not every build has it
     # On GPUs the units compute in bf16, gathered as bf16 (half the traffic); the sharded master
     # weights and the gradient reduction stay fp32. On CPUs everything stays fp32.
@@ -273,40 +286,52 @@ def shard(model, head, device):
         fully_shard(head, mp_policy=policy)
 
 
-def save_sharded(path, modules, optimizer, state):
+def sharded_state(model, head, optimizer):
+    """What DCP saves of an FSDP run, named as in ckpt.pt: {"model", "optimizer"(, "distill_head")}.
+    Every tensor is this process's shard (a DTensor) under its parameter's name in the plain model,
+    and the optimizer state is keyed by parameter names, not positions: the files say nothing of how
+    the model was sharded, and DCP can load them into another sharding (another number of GPUs)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    owner = nn.ModuleDict({"model": model} | ({} if head is None else {"head": head}))  # the optimizer's parameters
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(owner, optimizer)}
+    if head is not None:
+        state["distill_head"] = get_model_state_dict(head)
+    return state, owner
+
+
+def save_sharded(path, model, head, optimizer, train_state):
     """The --fsdp checkpoint, a folder: with torch.distributed.checkpoint (DCP) every process writes
     its own shards of the weights and the optimizer state, in parallel, and rank 0 adds train_state.pt
     (step, data position, random states, configs). It is written as path.tmp and renamed into place
     once complete, so a crash mid-save leaves the previous checkpoint whole. Several machines: out_dir
-    must be one shared filesystem. To turn it into one torch.save file (for sample.py, say):
-    torch.distributed.checkpoint.format_utils.dcp_to_torch_save(path, "ckpt_full.pt")."""
+    must be one shared filesystem. torch.distributed.checkpoint.format_utils.dcp_to_torch_save(path, file)
+    gathers the shards into one torch.save file ("model" as in ckpt.pt, "optimizer" keyed by parameter
+    names); for sample.py and the next stage, --export writes the whole model at the end of the run."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # what a crashed save left behind
     dist.barrier()  # nobody writes into tmp before it is cleared
-    # get_state_dict names every shard by its parameter's name in the plain model, and the optimizer
-    # state by parameter names too (not by position): the files do not depend on how the model was sharded.
-    model_state, optimizer_state = get_state_dict(modules, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)  # returns when all wrote
+    dcp.save(sharded_state(model, head, optimizer)[0], checkpoint_id=tmp)  # returns once all have written
     if dist.get_rank() == 0:
-        torch.save(state, tmp / "train_state.pt")
+        torch.save(train_state, tmp / "train_state.pt")
         if path.exists():
             os.replace(path, old)  # a folder cannot be renamed onto a non-empty one: the old one moves aside
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_sharded(path, modules, optimizer):
-    """Fill sharded modules and their optimizer from save_sharded's folder: each process reads the
-    parts of the saved tensors that its own shards hold (DCP would reshard for another process count)."""
+def load_sharded(path, model, head, optimizer):
+    """Fill an FSDP model, its head and their optimizer from save_sharded's folder: each process
+    reads the parts of the saved tensors that its own shards hold."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    model_state, optimizer_state = get_state_dict(modules, optimizer)  # this run's layout, to be filled
-    state = {"model": model_state, "optimizer": optimizer_state}
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    state, owner = sharded_state(model, head, optimizer)  # this run's shards, to be filled in place
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(modules, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(owner, optimizer, state["optimizer"])
+    if head is not None:
+        set_model_state_dict(head, state["distill_head"])
 
 
 def unsharded(model, device, rank0_only=False):
@@ -617,11 +642,10 @@ def main(argv):
     if tc.fsdp:
         shard(model, head, device)  # before the optimizer is made: sharding replaces the parameters
     optimizer = make_optimizer(model, tc, train_decoder, head)
-    modules = nn.ModuleDict({"model": model} | ({} if head is None else {"head": head}))  # what --fsdp saves
     step, next_sample, epoch, position, skipped = 0, 0, 0, 0, []
     if ckpt is not None:
         if tc.fsdp:
-            load_sharded(dcp_path, modules, optimizer)
+            load_sharded(dcp_path, model, head, optimizer)
         else:
             optimizer.load_state_dict(ckpt["optimizer"])
         step, next_sample = ckpt["step"], ckpt["next_sample"]
@@ -684,7 +708,7 @@ def main(argv):
                      skipped=[message for part in gather(skipped) for message in part],
                      data_size=len(dataset) if tc.data else None, loss=total)
         if tc.fsdp:
-            save_sharded(dcp_path, modules, optimizer, state)
+            save_sharded(dcp_path, model, head, optimizer, state)
         elif master:
             save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             distill_head=None if head is None else head.state_dict(), **state)
@@ -717,7 +741,8 @@ def main(argv):
         n_supervised = all_sum([n_supervised], device)[0]
         total = total_distill = step_tokens = 0.0
         for i, b in enumerate(micro):
-            with gradient_sync(ddp_modules, sync=i == len(micro) - 1):  # DDP: all-reduce after the last only
+            # DDP all-reduces after the last micro-batch only; FSDP reduce-scatters after each (shard())
+            with gradient_sync(ddp_modules, sync=i == len(micro) - 1):
                 with autocast:
                     loss = train_model(b["videos"].to(device), b["input_ids"].to(device), b["labels"].to(device),
                                        b["lengths"].to(device), reduction="sum", return_hidden=head is not None)
@@ -775,11 +800,6 @@ def main(argv):
             print(f"exported to {tc.export} (weights.from_pretrained, or --init_from={tc.export} of the next stage)")
     if master:
         print(f"done in {time.time() - t0:.0f} s; checkpoint: {dcp_path if tc.fsdp else ckpt_path}")
-    if dist.is_initialized():
-        # Leave together: a process whose group is torn down while rank 0 still writes files (its DDP
-        # alive) aborted now and then with gloo ("terminate called without an active exception").
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -787,3 +807,4 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit("error: " + " ".join(str(e).splitlines()))  # one line, even for a message that has several
+    leave_process_group()  # under torchrun, once main() and everything it made are gone

@@ -1,0 +1,185 @@
+"""train.py under torchrun, on CPUs: two processes talking through gloo, as on a machine with two
+GPUs they would through NCCL. DDP and FSDP must give what one process gives with the same global
+batch, and their checkpoints must resume. Every run is the nano preset for a few steps.
+
+The model is built without its LSTE (--lste=false) for these comparisons: the LSTE's BatchNorm
+normalises by the statistics of the batch, which on GPUs SyncBatchNorm gathers from all processes
+(the global batch's, as in one process) but which PyTorch cannot sync on CPUs, where every process
+normalises by its own half of the batch."""
+
+import subprocess
+import sys
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import distributed as dist
+
+import train
+import weights
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with the gloo backend is not available")
+
+ROOT = Path(__file__).resolve().parents[1]
+NANO = ["--preset=nano", "--lste=false", "--device=cpu", "--warmup_steps=1", "--eval_every=1000",
+        "--save_every=1000", "--eval_samples=4", "--questions_per_clip=1"]
+TOLERANCE = 1e-5  # one process and two sum the same numbers in another order
+
+
+def torchrun(*options):
+    """train.py as torchrun starts it on one machine: two processes, a free port (--standalone)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "train.py", *NANO, *options]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def load(path):
+    return torch.load(path, weights_only=False)
+
+
+def assert_close(expected, actual):
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=TOLERANCE, msg=name)
+
+
+def assert_same_run(expected, actual):
+    """Two checkpoints of the same training: same loss, same place in the data, same weights."""
+    assert actual["step"] == expected["step"] and actual["next_sample"] == expected["next_sample"]
+    assert abs(actual["loss"] - expected["loss"]) < TOLERANCE
+    assert_close(expected["model"], actual["model"])
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process, batches of 4, three steps."""
+    out = tmp_path_factory.mktemp("one")
+    train.main(NANO + ["--max_steps=3", "--batch_size=4", f"--out_dir={out}"])
+    return load(out / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Two processes with batches of 2: the same global batch of 4, three steps."""
+    out = tmp_path_factory.mktemp("ddp")
+    log = torchrun("--max_steps=3", "--batch_size=2", f"--out_dir={out}")
+    return out, log
+
+
+# --------------------------------------------------------------------------- DDP
+
+def test_ddp_equals_one_process_with_the_global_batch(one_process, ddp_run):
+    out, log = ddp_run
+    ckpt = load(out / "ckpt.pt")
+    assert_same_run(one_process, ckpt)
+    assert len(ckpt["rng"]) == 2  # a random state per process, for an exact resume
+    # rank 0 alone logs and writes; both answer the evaluation's questions, which are pooled
+    assert log.count("done in") == 1 and log.count("heldout_shuffled:") == 1
+    assert "on cpu x 2 processes (DDP)" in log
+
+
+def test_ddp_gradient_accumulation_equals_one_process(one_process, tmp_path):
+    """2 processes x 2 micro-batches of 1 = one batch of 4: the loss is normalised by the step's
+    supervised tokens on all processes, whatever the micro-batches and the processes hold."""
+    torchrun("--max_steps=3", "--batch_size=1", "--grad_accum=2", f"--out_dir={tmp_path}")
+    assert_same_run(one_process, load(tmp_path / "ckpt.pt"))
+
+
+def test_ddp_checkpoint_resumes_exactly(ddp_run, tmp_path):
+    """Two steps, then a resumed third: bit for bit the three straight steps."""
+    torchrun("--max_steps=2", "--batch_size=2", f"--out_dir={tmp_path}")
+    torchrun("--init_from=resume", "--max_steps=3", f"--out_dir={tmp_path}")
+    whole, parts = load(ddp_run[0] / "ckpt.pt"), load(tmp_path / "ckpt.pt")
+    assert parts["next_sample"] == whole["next_sample"] == 12
+    assert all(torch.equal(whole["model"][name], parts["model"][name]) for name in whole["model"])
+    assert all(torch.equal(a["torch"], b["torch"]) for a, b in zip(whole["rng"], parts["rng"]))
+
+
+def test_ddp_distillation_equals_one_process(tmp_path):
+    """The distillation head trains under its own DDP: it, too, ends where one process's does."""
+    train.main(NANO + ["--distill=oracle", "--max_steps=2", "--batch_size=4", f"--out_dir={tmp_path / 'one'}"])
+    torchrun("--distill=oracle", "--max_steps=2", "--batch_size=2", f"--out_dir={tmp_path / 'ddp'}")
+    one, ddp = load(tmp_path / "one" / "ckpt.pt"), load(tmp_path / "ddp" / "ckpt.pt")
+    assert_same_run(one, ddp)
+    assert_close(one["distill_head"], ddp["distill_head"])
+
+
+# --------------------------------------------------------------------------- FSDP
+
+def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes(one_process, tmp_path):
+    """FSDP2 over two processes for two steps (recomputing blocks in backward), a DCP checkpoint,
+    a resumed third step and an export: the weights of one process's three steps."""
+    if not hasattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    torchrun("--fsdp=true", "--grad_checkpoint=true", "--max_steps=2", "--batch_size=2", f"--out_dir={tmp_path}")
+    assert not (tmp_path / "ckpt.pt").exists() and (tmp_path / "ckpt_dcp" / ".metadata").is_file()
+    log = torchrun("--init_from=resume", "--max_steps=3", f"--export={tmp_path / 'export'}", f"--out_dir={tmp_path}")
+    assert "on cpu x 2 processes (FSDP)" in log and "steps 2 -> 3" in log
+    # the folder, made into one file as its docstring says: ckpt.pt's "model" and "optimizer"
+    dcp_to_torch_save(tmp_path / "ckpt_dcp", tmp_path / "full.pt")
+    ckpt = load(tmp_path / "full.pt") | load(tmp_path / "ckpt_dcp" / "train_state.pt")
+    assert_same_run(one_process, ckpt)
+    assert [s["step"].item() for s in ckpt["optimizer"]["state"].values()] == [3] * len(ckpt["optimizer"]["state"])
+    exported, _ = weights.from_pretrained(tmp_path / "export")  # gathered to rank 0 and written there
+    assert_close(one_process["model"], exported.state_dict())
+
+
+def test_fsdp_needs_torchrun(tmp_path):
+    with pytest.raises(ValueError, match="torchrun"):
+        train.main(NANO + ["--fsdp=true", "--max_steps=1", f"--out_dir={tmp_path}"])
+
+
+# --------------------------------------------------------------------------- real data, in shares
+
+class Numbered(torch.utils.data.Dataset):
+    """Stand-in instruction data: sample i is a blank clip with the id i; the ids in `broken` fail."""
+
+    def __init__(self, n, broken=()):
+        self.n, self.broken = n, set(broken)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i in self.broken:
+            return {"id": i, "skipped": "unreadable"}
+        return {"id": i, "video": torch.zeros(2, 3, 4, 4), "input_ids": [1, 2], "labels": [-100, 2]}
+
+
+def take(batches, n):
+    """The first n of real_batches: (sample ids, epoch, position) each."""
+    return [(batch["id"], epoch, position) for batch, epoch, position in islice(batches, n)]
+
+
+def test_real_data_shares_make_the_global_batch():
+    """Process r of 2 takes every other sample of the epoch's order from the r-th: the k-th batches
+    of both are together the k-th batch of one process with the global batch. Each process keeps
+    its own place: with 9 samples, process 0 has 5 and process 1 only 4, and goes on into epoch 1."""
+    tc = replace(train.TrainConfig(), batch_size=2, num_workers=0, on_error="skip")
+    dataset = Numbered(9)
+    one = take(train.real_batches(dataset, replace(tc, batch_size=4), 0, 0, []), 3)  # 4 + 4 + 1 samples
+    first, second = (take(train.real_batches(dataset, tc, 0, 0, [], rank, 2), 3) for rank in (0, 1))
+    for k in range(2):
+        assert sorted(first[k][0] + second[k][0]) == sorted(one[k][0])
+    assert first[2] == (one[2][0], 0, 5)  # the epoch's last sample
+    assert second[2][1:] == (1, 2)  # process 1's share of epoch 1's order
+    # a resumed share goes on where it stopped: process 1, epoch 0, 2 of its 4 samples used
+    batch, epoch, position = next(train.real_batches(dataset, tc, 0, 2, [], 1, 2))
+    assert (batch["id"], epoch, position) == second[1]
+
+
+def test_real_data_share_with_a_skipped_sample_still_yields_batches():
+    """A process whose share holds an unusable sample yields smaller batches, never none, so it
+    keeps in step with the others (the step's loss is normalised by the global token count)."""
+    tc = replace(train.TrainConfig(), batch_size=2, num_workers=0, on_error="skip")
+    order = np.random.default_rng([tc.seed, 0]).permutation(8)  # the epoch's order; process 1 takes 1, 3, 5, 7
+    skipped = []
+    batches = train.real_batches(Numbered(8, broken={int(order[1])}), tc, 0, 0, skipped, 1, 2)
+    assert take(batches, 1) == [([int(order[3])], 0, 2)] and len(skipped) == 1

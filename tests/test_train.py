@@ -1,0 +1,79 @@
+"""train.py's pieces: --key=value parsing, the learning-rate schedule, token-normalised accumulation,
+and that the model can fit one batch."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import data
+from panda import IGNORE_INDEX, PandaConfig, VideoPanda
+from train import TrainConfig, lr_at, parse_overrides
+
+
+def test_overrides_are_typed_and_routed_to_their_config():
+    tc, cfg = parse_overrides(["--max_steps=7", "--lr_stab=0.5", "--lste=false", "--compile=1",
+                               "--preset=nano", "--lsd=avgpool"], TrainConfig, PandaConfig)
+    assert tc == {"max_steps": 7, "lr_stab": 0.5, "compile": True, "preset": "nano"}
+    assert cfg == {"lste": False, "lsd": "avgpool"}
+    assert isinstance(tc["max_steps"], int) and isinstance(tc["lr_stab"], float)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--max_stpes=7", "unknown option --max_stpes"),
+    ("--max_steps=7.5", "--max_steps expects int, got '7.5'"),
+    ("--lste=maybe", "--lste expects a bool"),
+    ("--lr_stab=fast", "--lr_stab expects float"),
+    ("max_steps=7", "look like --key=value"),
+    ("--max_steps", "look like --key=value"),
+])
+def test_bad_overrides_are_errors_not_ignored(arg, message):
+    with pytest.raises(ValueError, match=message):
+        parse_overrides([arg], TrainConfig, PandaConfig)
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():
+    tc = replace(TrainConfig(), warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, tc) == pytest.approx(0.1) and lr_at(9, tc) == pytest.approx(1.0)
+    assert lr_at(60, tc) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, tc) == pytest.approx(0.1) and lr_at(500, tc) == pytest.approx(0.1)
+    steps = [lr_at(s, tc) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(steps, steps[1:]))  # never rises after the warm-up
+
+
+def batch(n, start=0):
+    tokenizer = data.build_tokenizer()
+    return data.SyntheticQA(tokenizer, "train", 4, 32, questions_per_clip=2, grid=2).batch(start, n), tokenizer
+
+
+def test_accumulating_summed_losses_over_supervised_tokens_equals_one_big_batch():
+    """train.py divides each micro-batch's summed loss by the step's supervised-token count."""
+    b, tokenizer = batch(4)
+    torch.manual_seed(0)
+    # eval mode: BatchNorm's batch statistics (train mode) differ between a micro-batch and the whole
+    model = VideoPanda(PandaConfig.preset("nano", vocab_size=tokenizer.get_vocab_size())).eval()
+    args = lambda sl: (b["videos"][sl], b["input_ids"][sl], b["labels"][sl], b["lengths"][sl])
+    model(*args(slice(0, 4))).backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+    for sl in (slice(0, 1), slice(1, 4)):  # unequal halves: a per-micro-batch mean would be wrong here
+        (model(*args(sl), reduction="sum") / n).backward()
+    for g, p in zip(whole, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+def test_the_model_fits_one_batch():
+    b, tokenizer = batch(8)
+    torch.manual_seed(0)
+    model = VideoPanda(PandaConfig.preset("nano", vocab_size=tokenizer.get_vocab_size()))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    args = (b["videos"], b["input_ids"], b["labels"], b["lengths"])
+    first = model(*args).item()
+    for _ in range(150):
+        loss = model(*args)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 2.5 and loss.item() < 0.1, (first, loss.item())
