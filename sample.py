@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 import weights
 from panda import VIDEO_PLACEHOLDER
-from train import describe_skip, load_checkpoint, parse_overrides, pick_device
+from train import apply_error_policy, load_checkpoint, parse_overrides, pick_device
 
 
 @dataclass
@@ -121,12 +121,7 @@ def answer_qa_set(sc, model, tokenizer, template, device):
                         collate_fn=data.collate_video_batch)
     records, skipped = [], []
     for batch in tqdm(loader, desc="answering", unit="batch", dynamic_ncols=True):
-        for sample_id, reason in batch["skipped"]:
-            message = describe_skip(sample_id, reason)
-            if sc.on_error == "raise":
-                raise ValueError(f"{message} (--on_error=skip would skip it and go on)")
-            skipped.append(message)
-            tqdm.write(f"skipped {message}")
+        apply_error_policy(batch, sc.on_error, skipped)
         if batch["input_ids"] is None:  # nothing in this batch loaded
             continue
         answers = model.generate(batch["videos"].to(device), batch["input_ids"].to(device),

@@ -490,6 +490,17 @@ def describe_skip(sample_id, reason):
     return reason if reason.startswith("sample ") else f"sample {sample_id!r}: {reason}"
 
 
+def apply_error_policy(batch, on_error, skipped):
+    """The unusable samples a DataLoader batch reports: raise on the first (on_error="raise"), or name
+    each in the log and append it to `skipped` (on_error="skip"). Never dropped without a word."""
+    for sample_id, reason in batch["skipped"]:
+        message = describe_skip(sample_id, reason)
+        if on_error == "raise":
+            raise ValueError(f"{message} (--on_error=skip would skip it and go on)")
+        skipped.append(message)
+        tqdm.write(f"skipped {message}")
+
+
 def instruction_data(tc, tokenizer, cfg):
     """The --data instruction file in the model's frame geometry, with horizontal flips (train=True)."""
     if not tc.video_folder:
@@ -531,12 +542,7 @@ def real_batches(dataset, tc, epoch, position, skipped, rank=0, world=1):
         for batch in loader:
             kept = 0 if batch["lengths"] is None else len(batch["lengths"])
             position += kept + len(batch["skipped"])
-            for sample_id, reason in batch["skipped"]:
-                message = describe_skip(sample_id, reason)
-                if tc.on_error == "raise":
-                    raise ValueError(f"{message} (--on_error=skip would skip it and go on)")
-                skipped.append(message)
-                tqdm.write(f"skipped {message}")
+            apply_error_policy(batch, tc.on_error, skipped)
             if kept:
                 n_kept += kept
                 yield batch, epoch, position
