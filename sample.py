@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 import weights
 from panda import VIDEO_PLACEHOLDER
-from train import apply_error_policy, load_checkpoint, parse_overrides, pick_device
+from train import answer_text, apply_error_policy, load_checkpoint, parse_overrides, pick_device
 
 
 @dataclass
@@ -99,11 +99,6 @@ def load_video(spec, cfg):
 def prompt_ids(tokenizer, template, question):
     ids, _ = data.tokenize_conversation(tokenizer, template, [(question, None)])  # ends in "ASSISTANT:"
     return ids
-
-
-def answer_text(tokenizer, ids, eos_id):
-    """Generated ids -> the answer: cut at the first eos, decoded and stripped, as the release does."""
-    return tokenizer.decode(ids[:ids.index(eos_id)] if eos_id in ids else ids).strip()
 
 
 # ------------------------------------------------------------------------------------ a whole QA set

@@ -452,16 +452,23 @@ def evaluate(model, tokenizer, n_samples, device, split="heldout", shuffle=False
         indices = mine[start:start + batch_size]
         samples = [data.make_sample(i, split, model.cfg.n_frames, model.cfg.image_size, model.cfg.grid)
                    for i in indices]
-        batch = data.collate([{"video": data.shuffle_frames(s.video, seed=i) if shuffle else s.video,
-                               "input_ids": ids, "labels": labels}
-                              for i, s in zip(indices, samples)
-                              for ids, labels in [data.encode_example(tokenizer, s.question)]])
+        examples = []
+        for i, s in zip(indices, samples):
+            input_ids, labels = data.encode_example(tokenizer, s.question)  # the prompt alone
+            video = data.shuffle_frames(s.video, seed=i) if shuffle else s.video
+            examples.append({"video": video, "input_ids": input_ids, "labels": labels})
+        batch = data.collate(examples)
         answers = model.generate(batch["videos"].to(device), batch["input_ids"].to(device),
                                  batch["lengths"].to(device), max_new_tokens=max_new_tokens, eos_id=eos)
         for s, ids in zip(samples, answers.tolist()):
-            records.append((s.family, s.answer, tokenizer.decode(ids[:ids.index(eos)] if eos in ids else ids)))
+            records.append((s.family, s.answer, answer_text(tokenizer, ids, eos)))
     model.train(was_training)
     return data.exact_match([record for part in gather(records) for record in part])
+
+
+def answer_text(tokenizer, ids, eos_id):
+    """Generated ids -> the answer: cut at the first eos, decoded and stripped, as the release does."""
+    return tokenizer.decode(ids[:ids.index(eos_id)] if eos_id in ids else ids).strip()
 
 
 def report(accuracy):
