@@ -290,16 +290,9 @@ def vit_macs(width, layers, mlp, patch, image):
 # 1. STAB + projector
 # ============================================================================================
 
-def channels_last(model):
-    """Run the STAB channels-last: a hook lays the patch embeddings out (B*T, Hp, Wp, C) in memory, so
-    that the chunks are channels_last_3d for the LSTE convs and the token views after them copy nothing."""
-    return model.stab.patch_embed.register_forward_hook(
-        lambda m, i, out: out.contiguous(memory_format=torch.channels_last))
-
-
 def module_times(ctx, model, video, repeats=5):
     """GPU ms per STAB module inside one eager forward (events recorded by forward hooks)."""
-    names = ["patch_embed", "lste", "gstra", "lsd", "fsra", "fuse"]
+    names = ["lste", "gstra", "lsd", "fsra", "fuse"]  # the patch embedding is a function: in "other"
     mods = {n: getattr(model.stab, n) for n in names} | {"projector": model.projector}
     spans = {n: [] for n in mods}
     hooks = []
@@ -316,43 +309,38 @@ def module_times(ctx, model, video, repeats=5):
         h.remove()
     out = {n: statistics.median(c.ms() for c in s[1:]) for n, s in spans.items()}
     out["total"] = statistics.median(c.ms() for c in totals[1:])
-    out["other (layout, cat, glue)"] = out["total"] - sum(out[n] for n in mods)
+    out["other (patch embedding, layout, glue)"] = out["total"] - sum(out[n] for n in mods)
     return out
 
 
 def op_table(ctx, cfg, B):
-    """The LSTE's convolutions alone, standard (NCDHW) vs channels-last layout, and a 1x1x1 conv as a
-    matmul: which layout the STAB should use."""
+    """The STAB's non-matmul-shaped ops alone: the patch embedding as cuDNN's conv vs one matmul, and
+    the LSTE's temporal conv as the library kernel vs shifted products fused by torch.compile."""
     C, r = cfg.stab_dim, int(cfg.stab_dim // cfg.lste_reduction)
     k, side = cfg.chunk_frames, cfg.image_size // cfg.patch_size
     N = B * cfg.n_frames // k
-    lste = ctx.model.stab.lste
+    stab, lste = ctx.model.stab, ctx.model.stab.lste
     x = torch.randn(N, C, k, side, side, device=ctx.device, dtype=ctx.dtype)
     xr = torch.randn(N, r, k, side, side, device=ctx.device, dtype=ctx.dtype)
     frames = torch.randn(B * cfg.n_frames, 3, cfg.image_size, cfg.image_size, device=ctx.device, dtype=ctx.dtype)
-    cl3, cl = torch.channels_last_3d, torch.channels_last
-    w_reduce = lste.reduce.weight.flatten(1)
-    tokens = x.permute(0, 2, 3, 4, 1).contiguous()
     ops = {
-        "patch_embed conv, NCHW": (ctx.model.stab.patch_embed, frames),
-        "patch_embed conv, channels-last": (ctx.model.stab.patch_embed, frames.contiguous(memory_format=cl)),
-        "BatchNorm3d (eval), NCDHW": (lste.norm, x),
-        "BatchNorm3d (eval), channels-last": (lste.norm, x.contiguous(memory_format=cl3)),
-        "1x1x1 conv C->r, NCDHW": (lste.reduce, x),
-        "1x1x1 conv C->r, channels-last": (lste.reduce, x.contiguous(memory_format=cl3)),
-        "1x1x1 conv C->r as F.linear": (lambda t: F.linear(t, w_reduce, lste.reduce.bias), tokens),
-        "temporal dw conv, NCDHW": (lste.temporal, xr),
-        "temporal dw conv, channels-last": (lste.temporal, xr.contiguous(memory_format=cl3)),
-        "3x3x3 dw conv (dpe), NCDHW": (lste.dpe, x),
-        "3x3x3 dw conv (dpe), channels-last": (lste.dpe, x.contiguous(memory_format=cl3)),
+        "patch embedding, cuDNN conv": (stab.patch_embed, frames),
+        "patch embedding, one matmul (panda.patch_embed)": (lambda f: panda.patch_embed(stab.patch_embed, f), frames),
+        "BatchNorm3d (eval)": (lste.norm, x),
+        "1x1x1 conv C->r": (lste.reduce, x),
+        "temporal dw conv, library kernel": (lste.temporal, xr),
+        "3x3x3 dw conv (dpe), library kernel": (lste.dpe, x),
     }
+    if ctx.compile_ok():
+        fused = torch.compile(lambda t: panda.temporal_conv(lste.temporal, t, shifted=True), dynamic=False)
+        ops["temporal dw conv, shifted products, compiled"] = (fused, xr)
     for name, (fn, inp) in ops.items():
         try:
             ms = measure(ctx, fn, [(inp,)], 3, 10)
             ctx.add(section="ops", name=name, batch=B, ms=ms)
         except Exception as e:
             ctx.log(f"  op {name} failed: {type(e).__name__}: {str(e)[:200]}")
-    del x, xr, frames, tokens
+    del x, xr, frames
     free_memory()
 
 
@@ -390,21 +378,18 @@ def bench_stab(ctx):
                 del inputs
                 free_memory()
 
-        # What each change bought, at the main batch: plain vs pooled attention, NCDHW vs channels-last.
+        # What the attention rewrite bought, at the main batch: plain vs pooled attention.
         video = make_videos(ctx, cfg, main_b, 3, 0)
         w, r = ctx.warmup_repeats()
-        for fast, cl in ((False, False), (False, True), (True, False), (True, True)):
+        for fast in (False, True):
             QueryAttention.fast = fast
-            hook = channels_last(model) if cl else None
-            name = f"eager, {'pooled' if fast else 'plain'} attention, {'channels-last' if cl else 'NCDHW'}"
+            name = f"eager, {'pooled' if fast else 'plain'} attention"
             try:
                 row(name, main_b, 3, measure(ctx, model.encode_videos, [(video,)], w, r), variant=True)
                 if not a.quick:
                     ctx.add(section="stab_modules", name=name, batch=main_b, **module_times(ctx, model, video))
             except Exception as e:
                 failed(ctx, name, e)
-            if hook:
-                hook.remove()
         if ctx.encode_compiled is not None and not a.quick and ctx.time_left() > 0.75 * a.budget:
             QueryAttention.fast = False
             try:
@@ -593,6 +578,8 @@ def bench_decode(ctx):
             cache = StaticKVCache(cfg, 1, L + n_new, ctx.dtype, ctx.device)
             for t in cache.k + cache.v:
                 torch._dynamo.mark_static_address(t)
+            # gpt-fast also lets inductor tune its own kernels for the batch-1 matrix-vector products.
+            torch._inductor.config.coordinate_descent_tuning = True
             for mode in ("reduce-overhead", "default"):
                 try:
                     model.decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
@@ -609,6 +596,7 @@ def bench_decode(ctx):
                     ctx.log(f"  compiled decode ({mode}) failed: {type(e).__name__}: {str(e)[:300]}")
                 finally:
                     del model.decode_step  # back to the plain method
+            torch._inductor.config.coordinate_descent_tuning = False
             del cache
         if ctx.time_left() > 40:
             decode_variant(ctx, "eager, StaticKVCache", model, video, ids, n_new, True, runs, 1, **extra)

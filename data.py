@@ -438,20 +438,25 @@ def exact_match(records):
 
 # --- an oracle teacher for distillation (spec D) --------------------------------------------
 
-# The oracle's feature channels, in order: D = 16.
-ORACLE_FEATURES = (*SHAPES, *COLORS, *DIRECTIONS, "still", "visible", "coverage")
+# The oracle's feature channels, in order: D = 24 (a multiple of the distillation head's 8 heads).
+# A real teacher (the release's LanguageBind ViT) adds learned position embeddings to its patches, so
+# its per-patch features say where each patch is; the row and column one-hots are the oracle's version.
+MAX_ORACLE_GRID = 4
+ORACLE_FEATURES = (*SHAPES, *COLORS, *DIRECTIONS, "still", "visible", "coverage",
+                   *(f"row {i}" for i in range(MAX_ORACLE_GRID)), *(f"column {i}" for i in range(MAX_ORACLE_GRID)))
 
 
 def oracle_features(sample, grid):
     """A perfect frozen 'teacher' read off the generator's ground truth instead of the pixels: float32
-    (T, grid, grid, 16) for a grid x grid cell layout (the model's LSD grid, PandaConfig.grid). Per cell,
+    (T, grid, grid, 24) for a grid x grid cell layout (the model's LSD grid, PandaConfig.grid). Per cell,
     the object covering most of it gives one-hots of its shape, its colour in that frame and its motion
     (left, right, up, down or still), then 1 ("visible": an object is seen here) and the fraction of the
-    cell it covers (channels ORACLE_FEATURES). Cells no object covers are all zero; their cosine similarity
-    to any prediction is 0, so they add a constant 1 to the per-cell distillation loss (1 - cosine)."""
+    cell it covers; every cell, empty or not, also gets one-hots of its row and column (channels
+    ORACLE_FEATURES). Empty cells carry only their position."""
     T, size = sample.video.shape[:2]
-    if size % grid:
-        raise ValueError(f"a {size}-pixel frame does not split into {grid} x {grid} whole cells")
+    if size % grid or grid > MAX_ORACLE_GRID:
+        raise ValueError(f"a {size}-pixel frame must split into grid x grid whole cells with grid <= "
+                         f"{MAX_ORACLE_GRID}; got grid {grid}")
     cell, channel = size // grid, {name: i for i, name in enumerate(ORACLE_FEATURES)}
     coverage = np.zeros((len(sample.objects), T, grid, grid))  # (O, T, g, g)
     features = np.zeros((len(sample.objects), T, len(ORACLE_FEATURES)), dtype=np.float32)  # (O, T, D)
@@ -465,6 +470,9 @@ def oracle_features(sample, grid):
     out = features[best, np.arange(T)[:, None, None]]  # (T, g, g, D)
     out[..., channel["coverage"]] = coverage.max(0)
     out[coverage.max(0) == 0] = 0
+    rows, cols = np.arange(grid)[:, None], np.arange(grid)[None, :]  # (g, 1), (1, g)
+    out[:, rows, cols, channel["row 0"] + rows] = 1
+    out[:, rows, cols, channel["column 0"] + cols] = 1
     return out
 
 

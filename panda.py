@@ -109,10 +109,11 @@ PRESETS = {
     "nano": dict(n_frames=4, image_size=32, patch_size=8, chunk_frames=2, stab_dim=32, stab_heads=2,
                  vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                  max_seq_len=256, stab_dropout=0.0, letterbox=False),
-    # the default synthetic-video run: 8 frames of 48x48, a 3x3 token grid per frame
+    # the default synthetic-video run: 8 frames of 48x48, a 3x3 token grid per frame. No dropout: the
+    # synthetic stream never shows a clip twice, and dropout only slowed learning (README, "The tiny run")
     "tiny": dict(n_frames=8, image_size=48, patch_size=8, chunk_frames=4, stab_dim=96, stab_heads=4,
                  vocab_size=128, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
-                 max_seq_len=256, stab_dropout=0.1, letterbox=False),
+                 max_seq_len=256, stab_dropout=0.0, letterbox=False),
     # the release: 8 frames of 448x448, STAB width 1024, Vicuna-7B-shaped decoder
     "paper": dict(),
 }
@@ -143,9 +144,8 @@ class QueryAttention(nn.Module):
         N, L, C = tokens.shape
         h, d = self.heads, C // self.heads
         q = self.q(query).view(N, h, 1, d)
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, L)
         if self.fast and L > h and not self.keep_weights:
-            o = self.pooled_attention(q, tokens, mask)
+            o = self.pooled_attention(q, tokens, key_mask)
         else:
             # One query over a few keys (LSD's windows), written out rather than through SDPA: a fused
             # kernel has nothing to gain here and fails once N reaches 65536 windows (PyTorch issue
@@ -160,21 +160,26 @@ class QueryAttention(nn.Module):
             o = (a[..., None] * v).sum(2)  # (N, h, d)
         return query + self.proj(o.reshape(N, C))
 
-    def pooled_attention(self, q, tokens, mask):  # q (N, h, 1, d) -> (N, h, 1, d)
+    def pooled_attention(self, q, tokens, key_mask):  # q (N, h, 1, d), (N, L, C), (N, L) -> (N, h, d)
         """The same attention without a key and a value for every token. Per head,
         q.(W_k x + b_k) = (W_k^T q).x + q.b_k, where q.b_k is the same for all tokens and cancels in
         the softmax; and sum_l a_l (W_v x_l + b_v) = W_v (sum_l a_l x_l) + b_v since the a_l sum to 1.
         So map the query back to token space (C numbers per head), attend over the normalised tokens
         themselves (one shared "key head" for all h query heads), and project one pooled token per
         head: per query 2C^2 multiply-adds instead of 2LC^2, a win when L > heads (GSTRA's 4096
-        tokens, FSRA's 256; LSD's 4-token windows stay plain)."""
+        tokens, FSRA's 256; LSD's 4-token windows stay plain).
+        Two matmuls rather than SDPA: with a "head" of C numbers no fused kernel applies, and SDPA's
+        fallback ran 4-7x slower than the plain path (bench.py)."""
         h, d = q.shape[1], q.shape[-1]
-        x = self.kv[0](tokens)[:, None]  # (N, 1, L, C)
+        x = self.kv[0](tokens)  # (N, L, C)
         w_k, w_v = self.kv[1].weight.view(2, h, d, -1)  # (h, d, C) each
-        pooled = F.scaled_dot_product_attention(q @ w_k, x, x, attn_mask=mask, scale=self.scale,
-                                                enable_gqa=True)  # (N, h, 1, C)
-        o = pooled @ w_v.transpose(1, 2)  # (N, h, 1, d)
-        return o if self.kv[1].bias is None else o + self.kv[1].bias.view(2, h, 1, d)[1]
+        # einsum, not q @ w_k: broadcasting the weights over N would copy them N times
+        logits = torch.einsum("nhd,hdc->nhc", q.squeeze(2), w_k) @ x.transpose(1, 2) * self.scale  # (N, h, L)
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
+        pooled = logits.float().softmax(-1).to(x.dtype) @ x  # (N, h, C)
+        o = torch.einsum("nhc,hdc->nhd", pooled, w_v)  # (N, h, d)
+        return o if self.kv[1].bias is None else o + self.kv[1].bias.view(2, h, d)[1]
 
 
 @contextmanager
@@ -210,8 +215,21 @@ class LSTE(nn.Module):
             nn.init.zeros_(p)  # the temporal branch starts as the identity; dpe's weight does not
 
     def forward(self, x):  # (N, C, k, h, w): N = videos * chunks, k frames per chunk
-        x = x + self.expand(self.temporal(self.reduce(self.norm(x))))
+        x = x + self.expand(temporal_conv(self.temporal, self.reduce(self.norm(x))))
         return x + self.dpe(x)
+
+
+def temporal_conv(conv, x, shifted=None):  # (N, C, k, h, w) -> (N, C, k, h, w)
+    """conv(x) for LSTE's depthwise (3, 1, 1) conv, zero-padded in time. Eager (shifted=None): the
+    library kernel. Under torch.compile: the same sum written out, one shifted product per tap, which
+    the compiler fuses into one pass ~10x faster than the library kernel (bench.py, 'ops' table). The
+    3x3x3 dpe conv stays a library call: written out, the compiler fused it into a far slower kernel."""
+    if not (torch.compiler.is_compiling() if shifted is None else shifted):
+        return conv(x)
+    k = x.shape[2]
+    padded = F.pad(x, (0, 0, 0, 0, 1, 1))  # (N, C, k + 2, h, w)
+    w = conv.weight.view(-1, 3, 1, 1, 1)  # (C, 3, 1, 1, 1): a weight per channel and tap
+    return sum(w[:, i] * padded[:, :, i:i + k] for i in range(3)) + conv.bias.view(-1, 1, 1, 1)
 
 
 class GSTRA(nn.Module):
@@ -278,6 +296,16 @@ class FSRA(nn.Module):
         return self.attn(self.query.expand(tokens.shape[0], -1), tokens, valid)
 
 
+def patch_embed(conv, frames):  # (N, 3, S, S) -> (N, C, S/P, S/P)
+    """conv(frames) for a convolution whose stride is its kernel P, computed as what it is: one matmul
+    of the weight (C, 3*P*P) with each frame's non-overlapping patches, flattened in the weight's
+    (channel, row, column) order. cuDNN ran the 3-input-channel conv at ~4% of the matmul rate (bench.py)."""
+    N, c, S, _ = frames.shape
+    P, n = conv.kernel_size[0], S // conv.kernel_size[0]
+    patches = frames.reshape(N, c, n, P, n, P).permute(0, 2, 4, 1, 3, 5).reshape(N, n * n, c * P * P)
+    return (conv.weight.flatten(1) @ patches.transpose(1, 2)).view(N, -1, n, n)
+
+
 class STAB(nn.Module):
     """Spatio-Temporal Alignment Block (paper Sec. 3, Fig. 2): frames -> visual tokens.
     Per frame: [fused context token, then h rows of w grid tokens each closed by a split token]."""
@@ -304,7 +332,7 @@ class STAB(nn.Module):
         cfg = self.cfg
         B, T = video.shape[:2]
         k, C = cfg.chunk_frames, cfg.stab_dim
-        p = self.patch_embed(video[:, :, :3].flatten(0, 1))  # (B*T, C, Hp, Wp)
+        p = patch_embed(self.patch_embed, video[:, :, :3].flatten(0, 1))  # (B*T, C, Hp, Wp)
         Hp, Wp = p.shape[-2:]
 
         # LSTE and GSTRA run on chunks of k frames, chunks folded into the batch.

@@ -61,21 +61,23 @@ class TrainConfig:
     # optimisation
     batch_size: int = 32        # per process: under torchrun a micro-step takes batch_size * world_size samples
     grad_accum: int = 1         # micro-batches per optimizer step
-    max_steps: int = 1500
+    max_steps: int = 1300
     lr_stab: float = 3e-3       # STAB + projector (the paper trains them at their own rate)
-    lr_decoder: float = 1.5e-3
+    lr_decoder: float = 1e-3
     warmup_steps: int = 60
     min_lr_ratio: float = 0.05  # the cosine decays to this fraction of each group's rate
     weight_decay: float = 0.0   # the paper uses none
     grad_clip: float = 1.0
     questions_per_clip: int = 8  # synthetic clips carry several question-answer turns: more signal per clip
     # distillation (spec D): loss = LM + distill_weight * (1 - cosine to a frozen teacher's per-cell features)
-    distill: str = ""           # "" = off; oracle = the synthetic task's ground truth (data.oracle_features)
+    # auto = oracle on the synthetic task (the release distils in every stage), off on real data, which
+    # needs a frozen encoder plugged into make_teacher; "" = off; oracle = data.oracle_features
+    distill: str = "auto"
     distill_weight: float = 1.0
     # evaluation and checkpoints
-    eval_every: int = 600
-    eval_samples: int = 200     # held-out questions per evaluation
-    save_every: int = 600
+    eval_every: int = 650
+    eval_samples: int = 400     # held-out questions per evaluation
+    save_every: int = 650
     # system
     device: str = "auto"        # auto: cuda, then mps, then cpu
     compile: bool = False       # torch.compile the model
@@ -426,7 +428,7 @@ def make_teacher(name, cfg):
     batch's clips on the LSD grid. Any frozen video encoder plugs in the same way, e.g.
     teacher = lambda batch: encoder(batch["videos"][:, :, :3]) for an encoder (B, T, 3, S, S) -> (B, T, g, g, D)."""
     if name != "oracle":
-        raise ValueError(f"--distill must be empty (off) or oracle, got {name!r}")
+        raise ValueError(f"--distill must be auto, empty (off) or oracle, got {name!r}")
 
     def oracle(batch):
         if "samples" not in batch:
@@ -638,6 +640,8 @@ def main(argv):
         model.decoder.to(torch.bfloat16)
 
     teacher, head = None, None  # distillation (spec D): a head learns a frozen teacher's per-cell features
+    if tc.distill == "auto":
+        tc = replace(tc, distill="" if tc.data else "oracle")
     if tc.distill:
         teacher, teacher_dim = make_teacher(tc.distill, model.cfg)
         head = DistillHead(model.cfg, teacher_dim).to(device)

@@ -78,7 +78,7 @@ def test_each_variant_equals_the_written_out_reference(name):
     expected = reference_tokens(model.stab, v)
     assert tokens.shape == expected.shape == (2, model.cfg.n_frames * model.cfg.tokens_per_frame, 32)
     assert lengths.tolist() == [tokens.shape[1]] * 2
-    torch.testing.assert_close(tokens, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tokens, expected, rtol=1e-4, atol=1e-4)  # float32 sums in other orders
 
 
 @pytest.mark.parametrize("name", ABLATIONS)

@@ -165,7 +165,11 @@ def test_oracle_features_agree_with_the_pixels(split, n_frames, size, grid):
     for i in range(40):
         s = data.make_sample(i, split, n_frames, size)
         f = data.oracle_features(s, grid)
-        assert f.shape == (n_frames, grid, grid, 16) and f.dtype == np.float32
+        assert f.shape == (n_frames, grid, grid, 24) and f.dtype == np.float32
+        rows, cols = f[..., names.index("row 0"):names.index("row 3") + 1], f[..., names.index("column 0"):]
+        assert (rows.sum(-1) == 1).all() and (cols.sum(-1) == 1).all()  # every cell says where it is
+        assert (rows.argmax(-1) == np.arange(grid)[:, None]).all() and (cols.argmax(-1) == np.arange(grid)).all()
+        f = f[..., :names.index("row 0")]  # what the cell shows
         cells = s.video.reshape(n_frames, grid, cell, grid, cell, 3).transpose(0, 1, 3, 2, 4, 5)
         cells = cells.reshape(n_frames, grid, grid, cell * cell, 1, 3)
         counts = (cells == colors).all(-1).sum(-2)  # (T, g, g, 5): pixels of each colour per cell
@@ -204,3 +208,15 @@ def test_train_with_the_oracle_teacher_saves_and_resumes_its_head(tmp_path, monk
         train.main(args + ["--max_steps=3", "--init_from=resume", "--distill="])
     with pytest.raises(ValueError, match="--distill must be"):
         train.main(args[:-1] + [f"--out_dir={tmp_path / 'other'}", "--distill=clip"])
+
+
+def test_distillation_is_on_by_default_for_the_synthetic_task_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})
+    args = ["--preset=nano", "--device=cpu", "--batch_size=2", "--warmup_steps=1", "--max_steps=1",
+            "--eval_samples=1", "--questions_per_clip=1"]
+    train.main(args + [f"--out_dir={tmp_path / 'auto'}"])  # --distill=auto: the synthetic task has the oracle
+    ckpt = torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=False)
+    assert ckpt["train_config"]["distill"] == "oracle" and ckpt["distill_head"] is not None
+    train.main(args + [f"--out_dir={tmp_path / 'off'}", "--distill="])
+    ckpt = torch.load(tmp_path / "off" / "ckpt.pt", weights_only=False)
+    assert ckpt["train_config"]["distill"] == "" and ckpt["distill_head"] is None

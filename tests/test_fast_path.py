@@ -1,5 +1,6 @@
 """The speed-ups in panda.py compute the same function as the plain code: pooled attention vs keys and
-values for every token, channels-last vs standard layout, a static KV cache vs the growing one."""
+values for every token, the patch embedding as a matmul vs the conv, the temporal conv as
+shifted products vs the library kernel, a static KV cache vs the growing one."""
 
 from contextlib import contextmanager, nullcontext
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import panda
 from panda import VIDEO_PLACEHOLDER, PandaConfig, QueryAttention, StaticKVCache, VideoPanda
 
 
@@ -119,13 +121,29 @@ def test_stab_fast_paths_equal_the_plain_stab(letterbox):
     with torch.no_grad():
         fast, n_fast = model.stab(video)
         with plain_attention():
-            # and channels-last, as bench.py also times it: the layout must not change the result
-            hook = model.stab.patch_embed.register_forward_hook(
-                lambda m, i, out: out.contiguous(memory_format=torch.channels_last))
             plain, n_plain = model.stab(video)
-            hook.remove()
     assert torch.equal(n_fast, n_plain) and fast.shape == plain.shape
     assert rel_err(fast, plain) < 1e-5
+
+
+def test_patch_embedding_matmul_equals_the_conv():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, 14, 14, bias=False)
+    frames = torch.randn(5, 3, 56, 56)
+    assert rel_err(panda.patch_embed(conv, frames), conv(frames)) < 1e-6
+
+
+def test_temporal_conv_as_shifted_products_equals_the_library_kernel():
+    torch.manual_seed(0)
+    conv = randomised(torch.nn.Conv3d(6, 6, (3, 1, 1), padding=(1, 0, 0), groups=6), 0)
+    x = torch.randn(2, 6, 4, 5, 7, requires_grad=True)
+    fused, library = panda.temporal_conv(conv, x, shifted=True), panda.temporal_conv(conv, x)
+    assert rel_err(fused, library) < 1e-6
+    g = torch.randn_like(library)
+    grad_fused = torch.autograd.grad(fused, [x, conv.weight, conv.bias], g)
+    grad_library = torch.autograd.grad(library, [x, conv.weight, conv.bias], g)
+    for a, b in zip(grad_fused, grad_library):
+        assert rel_err(a, b) < 1e-5
 
 
 def nano_model_and_prompts():
