@@ -399,6 +399,9 @@ class SyntheticQA:
     so a checkpoint that stores the next index resumes exactly the same data."""
 
     def __init__(self, tokenizer, split="train", n_frames=8, size=48, questions_per_clip=1, grid=3):
+        if grid not in GRID_NAMES:
+            raise ValueError(f"the synthetic task's 'where' answers name the cells of a 2x2 or 3x3 token grid, "
+                             f"and this model's grid is {grid}x{grid}: use a small preset (tiny, nano) or real data")
         self.tokenizer, self.split, self.n_frames, self.size = tokenizer, split, n_frames, size
         self.questions_per_clip, self.grid = questions_per_clip, grid
 

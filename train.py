@@ -712,7 +712,7 @@ def main(argv):
     if master:
         print(f"model: {n['stab']:,} STAB + {n['projector']:,} projector + {n['decoder']:,} decoder parameters "
               f"on {device}{processes}; training {trains}{f' ({tc.stage})' if pretrained else ''}; "
-              f"steps {step} -> {tc.max_steps}")
+              f"distillation {tc.distill or 'off'}; steps {step} -> {tc.max_steps}")
 
     def checkpoint():
         # Every process takes part: each gives its random state and its place in its share of the data
@@ -816,7 +816,9 @@ def main(argv):
             weights.save_pretrained(whole, tokenizer, tc.export)
             print(f"exported to {tc.export} (weights.from_pretrained, or --init_from={tc.export} of the next stage)")
     if master:
-        print(f"done in {time.time() - t0:.0f} s; checkpoint: {dcp_path if tc.fsdp else ckpt_path}")
+        memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" \
+            if device.type == "cuda" else ""  # of this process, i.e. per GPU under torchrun
+        print(f"done in {time.time() - t0:.0f} s{memory}; checkpoint: {dcp_path if tc.fsdp else ckpt_path}")
 
 
 if __name__ == "__main__":

@@ -295,6 +295,12 @@ def test_encode_example_marks_only_the_answer_for_loss(tokenizer, train_pool):
         assert tokenizer.decode(answer_ids[:-1]) == s.answer
 
 
+def test_a_model_grid_the_task_cannot_name_is_an_error(tokenizer):
+    data.SyntheticQA(tokenizer, grid=2)  # 2x2 and 3x3 grids have cell names
+    with pytest.raises(ValueError, match="2x2 or 3x3 token grid.*16x16"):  # the paper preset's grid
+        data.SyntheticQA(tokenizer, n_frames=8, size=448, grid=16)
+
+
 def test_collate_pads_on_the_right(tokenizer):
     qa = data.SyntheticQA(tokenizer)
     examples = [qa[i] for i in range(6)]
