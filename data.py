@@ -278,11 +278,16 @@ def more_questions(sample, n, size, rng, grid=3):
     return [pairs[i] for i in rng.permutation(len(pairs))[:n]]
 
 
+def check_grid(grid):
+    if grid not in GRID_NAMES:
+        raise ValueError(f"the synthetic task's 'where' answers name the cells of a 2x2 or 3x3 token grid, "
+                         f"and this model's grid is {grid}x{grid}: use a small preset (tiny, nano) or real data")
+
+
 def make_sample(index, split="train", n_frames=8, size=48, grid=3):
     """Sample number `index` of a split: the same clip, question and answer on every machine.
     grid: 'where' answers name the cells of a grid x grid split of the frame (the model's token grid)."""
-    if grid not in GRID_NAMES:
-        raise ValueError(f"grid must be one of {sorted(GRID_NAMES)}, got {grid}")
+    check_grid(grid)
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {list(SPLIT_SEEDS)}, got {split!r}")
     if n_frames < 2 or size < 24:
@@ -399,9 +404,7 @@ class SyntheticQA:
     so a checkpoint that stores the next index resumes exactly the same data."""
 
     def __init__(self, tokenizer, split="train", n_frames=8, size=48, questions_per_clip=1, grid=3):
-        if grid not in GRID_NAMES:
-            raise ValueError(f"the synthetic task's 'where' answers name the cells of a 2x2 or 3x3 token grid, "
-                             f"and this model's grid is {grid}x{grid}: use a small preset (tiny, nano) or real data")
+        check_grid(grid)  # now, not at the first batch
         self.tokenizer, self.split, self.n_frames, self.size = tokenizer, split, n_frames, size
         self.questions_per_clip, self.grid = questions_per_clip, grid
 

@@ -195,10 +195,13 @@ def test_oracle_needs_whole_cells():
 
 # --------------------------------------------------------------------------- train.py --distill=oracle
 
+NANO_RUN = ["--preset=nano", "--device=cpu", "--batch_size=2", "--warmup_steps=1", "--eval_every=1000",
+            "--save_every=1000", "--eval_samples=1", "--questions_per_clip=1"]
+
+
 def test_train_with_the_oracle_teacher_saves_and_resumes_its_head(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})  # answering is not tested here
-    args = ["--preset=nano", "--device=cpu", "--batch_size=2", "--warmup_steps=1", "--eval_every=1000",
-            "--save_every=1000", "--eval_samples=1", "--questions_per_clip=1", f"--out_dir={tmp_path}"]
+    args = NANO_RUN + [f"--out_dir={tmp_path}"]
     train.main(args + ["--max_steps=1", "--distill=oracle", "--distill_weight=0.5"])
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert ckpt["train_config"]["distill"] == "oracle" and "norm_layer.0.1.weight" in ckpt["distill_head"]
@@ -210,10 +213,9 @@ def test_train_with_the_oracle_teacher_saves_and_resumes_its_head(tmp_path, monk
         train.main(args[:-1] + [f"--out_dir={tmp_path / 'other'}", "--distill=clip"])
 
 
-def test_distillation_is_on_by_default_for_the_synthetic_task_only(tmp_path, monkeypatch):
+def test_distillation_is_on_by_default_on_the_synthetic_task(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})
-    args = ["--preset=nano", "--device=cpu", "--batch_size=2", "--warmup_steps=1", "--max_steps=1",
-            "--eval_samples=1", "--questions_per_clip=1"]
+    args = NANO_RUN + ["--max_steps=1"]
     train.main(args + [f"--out_dir={tmp_path / 'auto'}"])  # --distill=auto: the synthetic task has the oracle
     ckpt = torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=False)
     assert ckpt["train_config"]["distill"] == "oracle" and ckpt["distill_head"] is not None
