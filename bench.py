@@ -184,7 +184,7 @@ def peak_and_bandwidth(ctx):
     b = torch.randn(n, n, device=ctx.device, dtype=ctx.dtype, generator=g)
     w, r = ctx.warmup_repeats()
     ms = measure(ctx, torch.mm, [(a, b)], w, r)
-    ctx.peak_tflops = 2 * n ** 3 / ms / 1e9
+    ctx.peak_tflops = tflops(n ** 3, ms)
     ctx.add(section="peak", name=f"matmul {n}^3 {str(ctx.dtype)[6:]}", ms=ms, tflops=ctx.peak_tflops)
     x = torch.empty(2 ** 29 if ctx.cuda else 2 ** 22, device=ctx.device, dtype=torch.float16)
     y = torch.empty_like(x)
@@ -256,6 +256,12 @@ def compile_fn(ctx, fn, **kw):
 # Multiply-adds, counted as spec F.1 counts them
 # ============================================================================================
 
+def tflops(macs, ms):
+    """TFLOP/s of macs multiply-adds in ms milliseconds: a multiply-add is two floating-point operations,
+    as in the matmul peak (2 n^3 for an n^3 product)."""
+    return 2 * macs / ms / 1e9
+
+
 def stab_macs(cfg, pooled=False):
     """Multiply-adds of STAB + projector for one square video: ~105.4 G at the paper preset, the
     nominal count used for every TFLOP/s in this file. pooled=True counts what the pooled-attention
@@ -314,33 +320,41 @@ def module_times(ctx, model, video, repeats=5):
 
 
 def op_table(ctx, cfg, B):
-    """The STAB's non-matmul-shaped ops alone: the patch embedding as cuDNN's conv vs one matmul, and
-    the LSTE's temporal conv as the library kernel vs shifted products fused by torch.compile."""
+    """The STAB's non-matmul-shaped ops alone, on the layouts the STAB uses (tokens channels last): the
+    patch embedding as cuDNN's conv vs one matmul, the LSTE's parts (its 3x3x3 conv as the library kernel,
+    channels first, and as panda.dpe_conv), eager and compiled, and the whole LSTE."""
     C, r = cfg.stab_dim, int(cfg.stab_dim // cfg.lste_reduction)
     k, side = cfg.chunk_frames, cfg.image_size // cfg.patch_size
     N = B * cfg.n_frames // k
     stab, lste = ctx.model.stab, ctx.model.stab.lste
-    x = torch.randn(N, C, k, side, side, device=ctx.device, dtype=ctx.dtype)
-    xr = torch.randn(N, r, k, side, side, device=ctx.device, dtype=ctx.dtype)
+    x = torch.randn(N, k, side, side, C, device=ctx.device, dtype=ctx.dtype)
+    xr = torch.randn(N, k, side, side, r, device=ctx.device, dtype=ctx.dtype)
+    x_first = x.permute(0, 4, 1, 2, 3).contiguous()  # (N, C, k, side, side) for the library kernel
     frames = torch.randn(B * cfg.n_frames, 3, cfg.image_size, cfg.image_size, device=ctx.device, dtype=ctx.dtype)
     ops = {
         "patch embedding, cuDNN conv": (stab.patch_embed, frames),
         "patch embedding, one matmul (panda.patch_embed)": (lambda f: panda.patch_embed(stab.patch_embed, f), frames),
-        "BatchNorm3d (eval)": (lste.norm, x),
-        "1x1x1 conv C->r": (lste.reduce, x),
-        "temporal dw conv, library kernel": (lste.temporal, xr),
-        "3x3x3 dw conv (dpe), library kernel": (lste.dpe, x),
+        "BatchNorm3d (eval), channels-last view": (lambda t: lste.norm(t.permute(0, 4, 1, 2, 3)), x),
+        "1x1x1 conv C->r as a matmul": (lambda t: F.linear(t, lste.reduce.weight.flatten(1), lste.reduce.bias), x),
+        "1x1x1 conv r->C as a matmul": (lambda t: F.linear(t, lste.expand.weight.flatten(1), lste.expand.bias), xr),
+        "temporal dw conv, shifted products, eager": (lambda t: panda.temporal_conv(lste.temporal, t), xr),
+        "dpe 3x3x3 dw conv, library kernel (channels first)": (lste.dpe, x_first),
+        "dpe as three 2D dw convs (panda.dpe_conv), eager": (lambda t: panda.dpe_conv(lste.dpe, t), x),
+        "LSTE, eager": (lste, x),
     }
     if ctx.compile_ok():
-        fused = torch.compile(lambda t: panda.temporal_conv(lste.temporal, t, shifted=True), dynamic=False)
-        ops["temporal dw conv, shifted products, compiled"] = (fused, xr)
+        ops["temporal dw conv, shifted products, compiled"] = (
+            torch.compile(lambda t: panda.temporal_conv(lste.temporal, t), dynamic=False), xr)
+        ops["dpe as three 2D dw convs, compiled"] = (
+            torch.compile(lambda t: panda.dpe_conv(lste.dpe, t), dynamic=False), x)
+        ops["LSTE, compiled"] = (torch.compile(lste, dynamic=False), x)
     for name, (fn, inp) in ops.items():
         try:
             ms = measure(ctx, fn, [(inp,)], 3, 10)
             ctx.add(section="ops", name=name, batch=B, ms=ms)
         except Exception as e:
             ctx.log(f"  op {name} failed: {type(e).__name__}: {str(e)[:200]}")
-    del x, xr, frames
+    del x, xr, x_first, frames
     free_memory()
 
 
@@ -356,10 +370,10 @@ def bench_stab(ctx):
         ctx.encode_compiled = torch.compile(model.encode_videos, dynamic=False)
 
     def row(name, B, ch, ms, macs=nominal, **extra):
-        tflops = B * macs / ms / 1e9
+        achieved = tflops(B * macs, ms)
         ctx.add(section="stab", name=name, batch=B, channels=ch, ms=ms, videos_s=1e3 * B / ms,
-                tflops_nominal=B * nominal / ms / 1e9, tflops_executed=B * executed / ms / 1e9,
-                peak_share=tflops / ctx.peak_tflops if ctx.peak_tflops else None, **extra)
+                tflops_nominal=tflops(B * nominal, ms), tflops_executed=tflops(B * executed, ms),
+                peak_share=achieved / ctx.peak_tflops if ctx.peak_tflops else None, **extra)
 
     with torch.no_grad():
         for B in sorted(batches, key=lambda b: b != main_b):  # the main batch first: it matters most
@@ -502,7 +516,7 @@ def bench_vit(ctx):
                         ms = measure(ctx, fn, inputs, w, r)
                         ctx.add(section="vit", name=f"{kind} {image}px", impl=kind, image=image, batch=B,
                                 params_m=n_params / 1e6, ms=ms, videos_s=1e3 * B / ms,
-                                tflops=B * frames * macs / ms / 1e9, gmac_per_video=frames * macs / 1e9)
+                                tflops=tflops(B * frames * macs, ms), gmac_per_video=frames * macs / 1e9)
                     except Exception as e:
                         failed(ctx, f"ViT {kind} {image}px, batch {B}", e)
                     del inputs
@@ -515,7 +529,7 @@ def bench_vit(ctx):
                     ms = measure(ctx, compiled, [(x,)], w, r)
                     ctx.add(section="vit", name=f"own {image}px, compiled", impl="own compiled", image=image,
                             batch=B, params_m=n_params / 1e6, ms=ms, videos_s=1e3 * B / ms,
-                            tflops=B * frames * macs / ms / 1e9, gmac_per_video=frames * macs / 1e9)
+                            tflops=tflops(B * frames * macs, ms), gmac_per_video=frames * macs / 1e9)
                     del x, compiled
             del model, fn
             free_memory()

@@ -32,7 +32,7 @@ def lsd(x, attn, window):
 def gstra_per_frame(gstra, local):
     """GSTRA with one token per frame instead of one per chunk.
 
-    local: (N, C, k, h, w), LSTE's output for N chunks of k frames. gstra: a panda.GSTRA. Return (N * k, C):
+    local: (N, k, h, w, C), LSTE's output for N chunks of k frames. gstra: a panda.GSTRA. Return (N * k, C):
     for every frame, in order (chunk 0's k frames, then chunk 1's, ...), GSTRA's token when its query
     attends over that frame's h * w tokens only. (panda's STAB gives gstra all k * h * w tokens of a chunk.)"""
     raise NotImplementedError

@@ -214,22 +214,38 @@ class LSTE(nn.Module):
         for p in (self.expand.weight, self.expand.bias, self.dpe.bias):
             nn.init.zeros_(p)  # the temporal branch starts as the identity; dpe's weight does not
 
-    def forward(self, x):  # (N, C, k, h, w): N = videos * chunks, k frames per chunk
-        x = x + self.expand(temporal_conv(self.temporal, self.reduce(self.norm(x))))
-        return x + self.dpe(x)
+    def forward(self, x):  # (N, k, h, w, C): N = videos * chunks, k frames per chunk, channels last
+        # The convs keep nn.Conv3d's weights (the release's names and shapes) but run on channels-last
+        # tokens, the layout of the patch matmul, GSTRA and LSD, so that no transpose is ever made: a
+        # 1x1x1 conv is a Linear over channels, and BatchNorm3d takes a channels-first view.
+        y = self.norm(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+        y = F.linear(y, self.reduce.weight.flatten(1), self.reduce.bias)  # (N, k, h, w, r)
+        x = x + F.linear(temporal_conv(self.temporal, y), self.expand.weight.flatten(1), self.expand.bias)
+        return x + dpe_conv(self.dpe, x)
 
 
-def temporal_conv(conv, x, shifted=None):  # (N, C, k, h, w) -> (N, C, k, h, w)
-    """conv(x) for LSTE's depthwise (3, 1, 1) conv, zero-padded in time. Eager (shifted=None): the
-    library kernel. Under torch.compile: the same sum written out, one shifted product per tap, which
-    the compiler fuses into one pass ~10x faster than the library kernel (bench.py, 'ops' table). The
-    3x3x3 dpe conv stays a library call: written out, the compiler fused it into a far slower kernel."""
-    if not (torch.compiler.is_compiling() if shifted is None else shifted):
-        return conv(x)
-    k = x.shape[2]
-    padded = F.pad(x, (0, 0, 0, 0, 1, 1))  # (N, C, k + 2, h, w)
-    w = conv.weight.view(-1, 3, 1, 1, 1)  # (C, 3, 1, 1, 1): a weight per channel and tap
-    return sum(w[:, i] * padded[:, :, i:i + k] for i in range(3)) + conv.bias.view(-1, 1, 1, 1)
+def temporal_conv(conv, x):  # (N, k, h, w, r) -> (N, k, h, w, r)
+    """LSTE's depthwise (3, 1, 1) conv over frames, zero-padded, as one shifted product per tap: the
+    library kernel wants channels first, and compiled the sum is one pass (0.18 ms at 16 videos)."""
+    k = x.shape[1]
+    padded = F.pad(x, (0, 0, 0, 0, 0, 0, 1, 1))  # (N, k + 2, h, w, r)
+    w = conv.weight.view(-1, 3)  # (r, 3): a weight per channel and tap
+    return sum(w[:, t] * padded[:, t:t + k] for t in range(3)) + conv.bias
+
+
+def dpe_conv(conv, x):  # (N, k, h, w, C) -> (N, k, h, w, C)
+    """LSTE's 3x3x3 depthwise conv as three 3x3 depthwise 2D convs, one per time tap t, each over all
+    frames, then summed with the tap's shift in time: y[f] = z0[f-1] + z1[f] + z2[f+1] (zero-padded).
+    On channels-last frames cuDNN's 2D depthwise kernels are fast: compiled, 1.06 ms at 16 videos
+    against 2.36 for the 3D library kernel (which also wants channels first) and 3.5 for the 27
+    shifted products fused by torch.compile (bench_notes.md)."""
+    N, k, h, w, C = x.shape
+    frames = x.reshape(N * k, h, w, C).permute(0, 3, 1, 2)  # (N*k, C, h, w) with channels-last strides
+    z = [F.conv2d(frames, conv.weight[:, :, t], padding=1, groups=C).permute(0, 2, 3, 1).reshape(N, k, h, w, C)
+         for t in range(3)]
+    earlier = F.pad(z[0], (0, 0, 0, 0, 0, 0, 1, 0))[:, :k]  # frame f gets z0 of frame f-1
+    later = F.pad(z[2], (0, 0, 0, 0, 0, 0, 0, 1))[:, 1:]   # and z2 of frame f+1
+    return earlier + z[1] + later + conv.bias
 
 
 class GSTRA(nn.Module):
@@ -296,14 +312,14 @@ class FSRA(nn.Module):
         return self.attn(self.query.expand(tokens.shape[0], -1), tokens, valid)
 
 
-def patch_embed(conv, frames):  # (N, 3, S, S) -> (N, C, S/P, S/P)
+def patch_embed(conv, frames):  # (N, 3, S, S) -> (N, S/P, S/P, C), channels last
     """conv(frames) for a convolution whose stride is its kernel P, computed as what it is: one matmul
-    of the weight (C, 3*P*P) with each frame's non-overlapping patches, flattened in the weight's
-    (channel, row, column) order. cuDNN ran the 3-input-channel conv at ~4% of the matmul rate (bench.py)."""
+    of each frame's non-overlapping patches, flattened in the weight's (channel, row, column) order,
+    with the weight (C, 3*P*P). cuDNN ran the 3-input-channel conv at ~4% of the matmul rate (bench.py)."""
     N, c, S, _ = frames.shape
     P, n = conv.kernel_size[0], S // conv.kernel_size[0]
     patches = frames.reshape(N, c, n, P, n, P).permute(0, 2, 4, 1, 3, 5).reshape(N, n * n, c * P * P)
-    return (conv.weight.flatten(1) @ patches.transpose(1, 2)).view(N, -1, n, n)
+    return (patches @ conv.weight.flatten(1).T).view(N, n, n, -1)
 
 
 class STAB(nn.Module):
@@ -332,17 +348,17 @@ class STAB(nn.Module):
         cfg = self.cfg
         B, T = video.shape[:2]
         k, C = cfg.chunk_frames, cfg.stab_dim
-        p = patch_embed(self.patch_embed, video[:, :, :3].flatten(0, 1))  # (B*T, C, Hp, Wp)
-        Hp, Wp = p.shape[-2:]
+        p = patch_embed(self.patch_embed, video[:, :, :3].flatten(0, 1))  # (B*T, Hp, Wp, C)
+        Hp, Wp = p.shape[1:3]
 
-        # LSTE and GSTRA run on chunks of k frames, chunks folded into the batch.
-        chunks = p.view(B * T // k, k, C, Hp, Wp).transpose(1, 2)  # (B*T/k, C, k, Hp, Wp)
+        # LSTE and GSTRA run on chunks of k frames, chunks folded into the batch. Tokens stay channels
+        # last from the patch matmul to LSD: every reshape below is a view, not a copy.
+        chunks = p.view(B * T // k, k, Hp, Wp, C)
         local = self.lste(chunks) if cfg.lste else chunks
-        chunk_token = self.gstra(local.flatten(2).transpose(1, 2)) if cfg.gstra else None  # (B*T/k, C)
+        chunk_token = self.gstra(local.view(B * T // k, k * Hp * Wp, C)) if cfg.gstra else None  # (B*T/k, C)
         # The release adds the raw patch embeddings once more (LSTE's residual already holds them):
         # the identity path is doubled, which the paper's equations do not show. Without LSTE: once.
-        x = (local + chunks) if cfg.lste else chunks
-        x = x.transpose(1, 2).reshape(B * T, C, Hp, Wp).permute(0, 2, 3, 1)  # (B*T, Hp, Wp, C)
+        x = ((local + chunks) if cfg.lste else chunks).view(B * T, Hp, Wp, C)
 
         grid = self.lsd(x)  # (B*T, h, w, C)
         h, w = grid.shape[1:3]
@@ -694,7 +710,9 @@ class VideoPanda(nn.Module):
                 token = token.masked_fill(done, eos_id)
                 done |= token == eos_id
             yield token
-            if done.all() or step == max_new_tokens - 1:
+            # done.all() waits for the GPU; without an eos_id no row can finish, and skipping the check
+            # lets the next step be queued while this one runs (bench.py: decode tokens/s)
+            if step == max_new_tokens - 1 or eos_id is not None and done.all():
                 return
             visible[:, L + step] = True  # the new token's slot
             cache.slots = slots[L + step:L + step + 1]

@@ -77,7 +77,7 @@ class TrainConfig:
     # evaluation and checkpoints
     eval_every: int = 650
     eval_samples: int = 400     # held-out questions per evaluation
-    save_every: int = 650
+    save_every: int = 650       # and at the end; 0 = never (a timing run)
     # system
     device: str = "auto"        # auto: cuda, then mps, then cpu
     compile: bool = False       # torch.compile the model
@@ -168,7 +168,10 @@ def make_optimizer(model, tc, train_decoder=True, head=None):
     groups = [{"params": visual, "lr": tc.lr_stab, "base_lr": tc.lr_stab}]
     if train_decoder:
         groups.append({"params": list(model.decoder.parameters()), "lr": tc.lr_decoder, "base_lr": tc.lr_decoder})
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=tc.weight_decay)
+    # fused: one kernel for the whole update on GPUs, as nanoGPT does; the default (foreach) path makes
+    # full-size temporaries (for a whole 7B decoder, the sqrt of its second moment alone is 27 GB)
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=tc.weight_decay, fused=fused)
 
 
 def save_checkpoint(path, **state):
@@ -489,6 +492,9 @@ def load_pretrained(tc, tc_changes, cfg_changes, device):
     if tokenizer is None:
         raise FileNotFoundError(f"{tc.init_from} has no tokenizer.json, which training needs to read the "
                                 f"instructions (weights.from_pretrained's docstring says how to make one)")
+    if tokenizer.get_vocab_size() > model.cfg.vocab_size:  # else an id past the embedding fails deep inside it
+        raise ValueError(f"{tc.init_from}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model's "
+                         f"embedding only {model.cfg.vocab_size}: the tokenizer belongs to another model")
     return model, tokenizer
 
 
@@ -732,19 +738,21 @@ def main(argv):
 
     model.train()
     bar = tqdm(total=tc.max_steps, initial=step, dynamic_ncols=True, disable=not master)
-    t0, tokens_seen = time.time(), 0
+    t0, tokens_seen, waited = time.time(), 0, 0.0  # waited: seconds spent waiting for batches
     while step < tc.max_steps:
         scale = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
         micro = []
         for _ in range(tc.grad_accum):
+            asked = time.time()
             if tc.data:
                 batch, epoch, position = next(batches)
             else:  # synthetic sample i is the same on every machine: the next index is all a resume needs.
                 # A micro-step takes the next batch_size * world samples, process r the r-th batch_size of them.
                 batch = stream.batch(next_sample + rank * tc.batch_size, tc.batch_size)
                 next_sample += tc.batch_size * world
+            waited += time.time() - asked
             micro.append(batch)
         # Normalise by the supervised tokens N of the whole step, of all micro-batches on all processes
         # (one all-reduce of a count), so that k micro-batches on each of W processes give exactly the
@@ -793,7 +801,7 @@ def main(argv):
                                max_new_tokens=tc.max_new_tokens)
                 if master:
                     bar.write(f"step {step}: loss {total:.4f}, held-out exact match: {report(acc)}")
-        if step % tc.save_every == 0 or step == tc.max_steps:
+        if tc.save_every and (step % tc.save_every == 0 or step == tc.max_steps):
             checkpoint()
     bar.close()
     if tc.data:
@@ -818,7 +826,8 @@ def main(argv):
     if master:
         memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" \
             if device.type == "cuda" else ""  # of this process, i.e. per GPU under torchrun
-        print(f"done in {time.time() - t0:.0f} s{memory}; checkpoint: {dcp_path if tc.fsdp else ckpt_path}")
+        saved = f"checkpoint: {dcp_path if tc.fsdp else ckpt_path}" if tc.save_every else "no checkpoint (--save_every=0)"
+        print(f"done in {time.time() - t0:.0f} s, {waited:.0f} s of it waiting for data{memory}; {saved}")
 
 
 if __name__ == "__main__":

@@ -45,10 +45,10 @@ def reference_tokens(stab, video):
     for frames in video:  # (T, 3, S, S)
         tokens = []
         for start in range(0, len(frames), k):
-            P = stab.patch_embed(frames[start:start + k]).transpose(0, 1)[None]  # (1, C, k, Hp, Wp)
+            P = stab.patch_embed(frames[start:start + k]).permute(0, 2, 3, 1)[None]  # (1, k, Hp, Wp, C)
             local = stab.lste(P) if cfg.lste else P
-            g = stab.gstra(local.flatten(2).transpose(1, 2))[0] if cfg.gstra else None  # (C,)
-            dense = (local + P if cfg.lste else P)[0].transpose(0, 1)  # (k, C, Hp, Wp)
+            g = stab.gstra(local.flatten(1, 3))[0] if cfg.gstra else None  # (C,)
+            dense = (local + P if cfg.lste else P)[0].permute(0, 3, 1, 2)  # (k, C, Hp, Wp)
             for D in dense:
                 mean = F.avg_pool2d(D[None], s)[0]  # (C, h, w)
                 h, w = mean.shape[1:]
@@ -152,9 +152,9 @@ def test_without_fsra_the_fused_token_is_the_chunk_context_alone():
     model = nano(fsra=False)
     stab, cfg = model.stab, model.cfg
     v = clip(cfg, B=1)
-    p = stab.patch_embed(v[0])  # (T, C, Hp, Wp)
-    chunks = p.view(2, 2, *p.shape[1:]).transpose(1, 2)  # (T/k, C, k, Hp, Wp)
-    g = stab.gstra(stab.lste(chunks).flatten(2).transpose(1, 2))  # (T/k, C)
+    p = stab.patch_embed(v[0]).permute(0, 2, 3, 1)  # (T, Hp, Wp, C)
+    chunks = p.reshape(2, 2, *p.shape[1:])  # (T/k, k, Hp, Wp, C)
+    g = stab.gstra(stab.lste(chunks).flatten(1, 3))  # (T/k, C)
     fused = stab(v)[0].view(cfg.n_frames, cfg.tokens_per_frame, -1)[:, 0]
     torch.testing.assert_close(fused, stab.fuse(g).repeat_interleave(2, 0))
     assert stab.fsra is None and not any("fsra" in n for n, _ in model.named_parameters())

@@ -21,6 +21,11 @@ def test_vit_l14_mac_count():
     assert bench.vit_macs(1024, 24, 4096, 14, 224) / 1e9 == pytest.approx(81, abs=1)
 
 
+def test_tflops_count_two_operations_per_multiply_add():
+    # 16 videos of 105.4 GMAC in 12.11 ms: 278.5 TFLOP/s, the unit of the matmul peak (2 n^3 / time)
+    assert bench.tflops(16 * 105.4e9, 12.11) == pytest.approx(278.5, abs=0.1)
+
+
 def test_cpu_smoke_run_writes_every_section(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--device=cpu", "--quick", f"--json={out}"])

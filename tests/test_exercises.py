@@ -54,15 +54,15 @@ def test_1_lsd(window, shape):
 def test_2_gstra_per_frame():
     cfg = PandaConfig.preset("nano", stab_dropout=0.0)
     gstra = randomize(GSTRA(cfg)).eval()
-    local = torch.randn(3, 32, 2, 4, 5)  # 3 chunks of 2 frames of 4 x 5 patches
+    local = torch.randn(3, 2, 4, 5, 32)  # 3 chunks of 2 frames of 4 x 5 patches, channels last
     out = attempt(exercises.gstra_per_frame, gstra, local)
     assert out.shape == (6, 32)
     for n in range(3):
         for i in range(2):
-            frame = local[n, :, i].flatten(1).T[None]  # (1, h*w, C): this frame's tokens alone
+            frame = local[n, i].flatten(0, 1)[None]  # (1, h*w, C): this frame's tokens alone
             torch.testing.assert_close(out[2 * n + i], gstra(frame)[0], rtol=1e-4, atol=1e-4)
     changed = local.clone()
-    changed[1, :, 0] += 1  # frame 0 of chunk 1: only its own token may change
+    changed[1, 0] += 1  # frame 0 of chunk 1: only its own token may change
     moved = (exercises.gstra_per_frame(gstra, changed) - out).abs().amax(1) > 1e-6
     assert moved.tolist() == [False, False, True, False, False, False]
 

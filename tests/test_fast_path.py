@@ -1,6 +1,7 @@
 """The speed-ups in panda.py compute the same function as the plain code: pooled attention vs keys and
-values for every token, the patch embedding as a matmul vs the conv, the temporal conv as
-shifted products vs the library kernel, a static KV cache vs the growing one."""
+values for every token, the patch embedding as a matmul vs the conv, the LSTE on channels-last tokens
+vs its conv modules, its depthwise convs rewritten vs the library kernel, a static KV cache vs
+the growing one."""
 
 from contextlib import contextmanager, nullcontext
 
@@ -130,19 +131,42 @@ def test_patch_embedding_matmul_equals_the_conv():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 24, 14, 14, bias=False)
     frames = torch.randn(5, 3, 56, 56)
-    assert rel_err(panda.patch_embed(conv, frames), conv(frames)) < 1e-6
+    assert rel_err(panda.patch_embed(conv, frames), conv(frames).permute(0, 2, 3, 1)) < 1e-6
 
 
-def test_temporal_conv_as_shifted_products_equals_the_library_kernel():
+def lste_reference(lste, x):  # (N, C, k, h, w) -> same: the release's LSTE, its conv modules channels first
+    x = x + lste.expand(lste.temporal(lste.reduce(lste.norm(x))))
+    return x + lste.dpe(x)
+
+
+@pytest.mark.parametrize("training", [False, True])  # BatchNorm with running or batch statistics
+def test_lste_on_channels_last_tokens_equals_the_conv_modules(training):
     torch.manual_seed(0)
-    conv = randomised(torch.nn.Conv3d(6, 6, (3, 1, 1), padding=(1, 0, 0), groups=6), 0)
-    x = torch.randn(2, 6, 4, 5, 7, requires_grad=True)
-    fused, library = panda.temporal_conv(conv, x, shifted=True), panda.temporal_conv(conv, x)
-    assert rel_err(fused, library) < 1e-6
+    lste = randomised(panda.LSTE(PandaConfig.preset("nano", stab_dim=24)), 0).train(training)
+    lste.norm.running_var.uniform_(0.5, 2)  # randomised() touched parameters only
+    x = torch.randn(3, 24, 4, 5, 7, requires_grad=True)  # (N, C, k, h, w); LSTE takes it channels last
+    fast = lste(x.permute(0, 2, 3, 4, 1))
+    plain = lste_reference(lste, x).permute(0, 2, 3, 4, 1)
+    assert rel_err(fast, plain) < 1e-5
+    g = torch.randn_like(plain)
+    params = list(lste.parameters())
+    for a, b in zip(torch.autograd.grad(fast, [x] + params, g), torch.autograd.grad(plain, [x] + params, g)):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("which", ["temporal", "dpe"])
+def test_depthwise_convs_on_channels_last_tokens_equal_the_library_kernel(which):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(6, 6, (3, 1, 1), padding=(1, 0, 0), groups=6) if which == "temporal" else \
+        torch.nn.Conv3d(6, 6, 3, padding=1, groups=6)
+    randomised(conv, 0)
+    x = torch.randn(2, 4, 5, 7, 6, requires_grad=True)  # (N, k, h, w, c): channels last
+    fast = (panda.temporal_conv if which == "temporal" else panda.dpe_conv)(conv, x)
+    library = conv(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+    assert rel_err(fast, library) < 1e-6
     g = torch.randn_like(library)
-    grad_fused = torch.autograd.grad(fused, [x, conv.weight, conv.bias], g)
-    grad_library = torch.autograd.grad(library, [x, conv.weight, conv.bias], g)
-    for a, b in zip(grad_fused, grad_library):
+    for a, b in zip(torch.autograd.grad(fast, [x, conv.weight, conv.bias], g),
+                    torch.autograd.grad(library, [x, conv.weight, conv.bias], g)):
         assert rel_err(a, b) < 1e-5
 
 

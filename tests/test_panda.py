@@ -88,18 +88,18 @@ def test_letterboxed_tokens_equal_a_per_frame_crop_reference():
     tokens, n = stab(v)
 
     # reference: everything up to LSD is per pixel or per chunk, so reuse it; then crop and loop
-    p = stab.patch_embed(v[0, :, :3])  # (8, C, 32, 32)
-    C = p.shape[1]
-    chunks = p.view(2, 4, C, 32, 32).transpose(1, 2)
+    p = stab.patch_embed(v[0, :, :3]).permute(0, 2, 3, 1)  # (8, 32, 32, C)
+    C = p.shape[-1]
+    chunks = p.reshape(2, 4, 32, 32, C)
     local = stab.lste(chunks)
-    chunk_token = stab.gstra(local.flatten(2).transpose(1, 2))
-    dense = (local + chunks).transpose(1, 2).reshape(8, C, 32, 32)
+    chunk_token = stab.gstra(local.flatten(1, 3))
+    dense = (local + chunks).reshape(8, 32, 32, C)
     rows = v[0, 0, 3].nonzero()[:, 0]
     top, bottom = rows.min().item() // 14, rows.max().item() // 14 + 1
     expected = []
     alpha = torch.sigmoid(stab.balance)
     for i in range(8):
-        crop = dense[i, :, top:bottom].permute(1, 2, 0)[None]  # (1, 24, 32, C)
+        crop = dense[i, top:bottom][None]  # (1, 24, 32, C)
         grid = stab.lsd(crop)[0]  # (12, 16, C)
         frame_token = stab.fsra(grid.reshape(1, -1, C))[0]
         fused = stab.fuse((1 - alpha) * chunk_token[i // 4] + alpha * frame_token)
@@ -124,10 +124,11 @@ def test_pack_left_keeps_order_and_pads():
 def test_fresh_lste_temporal_branch_and_gstra_outputs_are_zero():
     model = nano()
     lste, gstra = model.stab.lste, model.stab.gstra
-    x = torch.randn(3, 32, 2, 4, 4)
-    branch = lste.expand(lste.temporal(lste.reduce(lste.norm(x))))
+    x = torch.randn(3, 2, 4, 4, 32)  # (N, k, h, w, C): LSTE takes channels-last tokens
+    x_first = x.permute(0, 4, 1, 2, 3)  # the conv modules' channels-first layout
+    branch = lste.expand(lste.temporal(lste.reduce(lste.norm(x_first))))
     assert (branch == 0).all()
-    torch.testing.assert_close(lste(x), x + lste.dpe(x))  # dpe is live from the start
+    torch.testing.assert_close(lste(x), x + lste.dpe(x_first).permute(0, 2, 3, 4, 1))  # dpe is live from the start
     assert lste.dpe.weight.abs().sum() > 0
     assert (gstra(torch.randn(3, 20, 32)) == 0).all()  # zero query + zero residual outputs
     assert torch.sigmoid(model.stab.balance).eq(0.5).all()
@@ -204,6 +205,8 @@ def test_generation_stops_at_eos_and_pads_finished_rows():
     row1_stop = (free[1] == eos).nonzero()
     end = int(row1_stop[0]) if len(row1_stop) else 5
     assert torch.equal(out[1, :end], free[1, :end])
+    alone = model.generate(v[:1], ids[:1], lengths[:1], max_new_tokens=5, eos_id=eos)
+    assert alone.shape[1] == int((free[0] == eos).nonzero()[0]) + 1  # stops once every row has finished
 
 
 def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy():

@@ -14,6 +14,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import data
+import random_export
 import sample
 import train
 import weights
@@ -288,3 +289,35 @@ def test_real_data_resumes_at_its_epoch_and_position(tiny_llm, instructions, tmp
 def test_unsupported_combinations_say_what_to_do(options, message, tiny_llm, tmp_path):
     with pytest.raises(ValueError, match=message):
         train.main([option.format(llm=tiny_llm) for option in options] + NANO + [f"--out_dir={tmp_path}"])
+
+
+# --------------------------------------------------------------------------- random_export.py
+
+@pytest.mark.skipif(not VIDEOS.is_dir(), reason="needs ../shared/data/videos")
+def test_random_export_trains_on_its_own_instructions(tmp_path, capsys):
+    export, out = tmp_path / "random", tmp_path / "out"
+    random_export.main([f"--out={export}", f"--videos={VIDEOS}", "--preset=nano", "--vocab_size=512",
+                        "--letterbox=true", "--samples=4", "--device=cpu"])
+    assert json.loads((export / "config.json").read_text())["dtype"] == "bfloat16"
+    entries = json.loads((export / "instructions.json").read_text())
+    assert len(entries) == 4 and all((VIDEOS / e["video"]).is_file() for e in entries)
+    train.main([f"--init_from={export}", "--stage=pretrain", f"--data={export / 'instructions.json'}",
+                f"--video_folder={VIDEOS}", "--device=cpu", "--batch_size=2", "--max_steps=1", "--num_workers=0",
+                "--save_every=0", f"--out_dir={out}"])
+    assert "no checkpoint (--save_every=0)" in capsys.readouterr().out
+    assert not (out / "ckpt.pt").exists()
+
+
+@pytest.mark.skipif(not VIDEOS.is_dir(), reason="needs ../shared/data/videos")
+def test_a_tokenizer_larger_than_the_embedding_is_an_error(tmp_path):
+    export = tmp_path / "random"
+    random_export.main([f"--out={export}", f"--videos={VIDEOS}", "--preset=nano", "--vocab_size=512", "--device=cpu"])
+    word_tokenizer([f"word{i}" for i in range(600)]).save(str(export / "tokenizer.json"))
+    with pytest.raises(ValueError, match="tokenizer.json has 603 tokens but the model's embedding only 512"):
+        train.main([f"--init_from={export}", "--stage=pretrain", f"--data={export / 'instructions.json'}",
+                    f"--video_folder={VIDEOS}", "--device=cpu", f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_random_export_needs_a_folder_of_videos(tmp_path):
+    with pytest.raises(ValueError, match="expected a folder with video files"):
+        random_export.main([f"--out={tmp_path / 'random'}", f"--videos={tmp_path}", "--preset=nano"])
