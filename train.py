@@ -826,8 +826,8 @@ def main(argv):
     if master:
         memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" \
             if device.type == "cuda" else ""  # of this process, i.e. per GPU under torchrun
-        saved = f"checkpoint: {dcp_path if tc.fsdp else ckpt_path}" if tc.save_every else "no checkpoint (--save_every=0)"
-        print(f"done in {time.time() - t0:.0f} s, {waited:.0f} s of it waiting for data{memory}; {saved}")
+        written = f"checkpoint: {dcp_path if tc.fsdp else ckpt_path}" if tc.save_every else "no checkpoint (--save_every=0)"
+        print(f"done in {time.time() - t0:.0f} s, {waited:.0f} s of it waiting for data{memory}; {written}")
 
 
 if __name__ == "__main__":
