@@ -88,8 +88,8 @@ def attention_gif_frames(model, video, alpha=0.6):
     return np.stack(pictures)
 
 
-def write_attention_gif(model, video, path, seconds_per_frame=0.6):
-    """Write the pictures of attention_gif_frames() as a looping GIF; returns their array."""
+def write_attention(model, video, path, seconds_per_frame=0.6):
+    """Write the pictures of attention_gif_frames() as a looping GIF; returns the path."""
     pictures = attention_gif_frames(model, video)
     iio.imwrite(path, pictures, plugin="pillow", extension=".gif", duration=int(seconds_per_frame * 1000), loop=0)
-    return pictures
+    return path

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import bench
+from tools import bench
 from panda import PandaConfig
 
 

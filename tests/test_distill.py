@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import data
+import distill
 import train
+from distill import DistillHead, cosine_loss, distill_loss, grid_positions
 from panda import VIDEO_PLACEHOLDER, PandaConfig, VideoPanda
-from train import DistillHead, cosine_distill_loss, distill_loss, grid_positions
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +28,14 @@ def nano(tokenizer=None, **overrides):
 
 def test_loss_is_0_for_identical_features_and_2_for_opposite_ones():
     x = torch.randn(2, 4, 3, 3, 16)
-    assert abs(cosine_distill_loss(x, x).item()) < 1e-6
-    assert abs(cosine_distill_loss(-x, x).item() - 2) < 1e-6
-    assert abs(cosine_distill_loss(x, torch.zeros_like(x)).item() - 1) < 1e-6  # a zero teacher: cosine 0
+    assert abs(cosine_loss(x, x).item()) < 1e-6
+    assert abs(cosine_loss(-x, x).item() - 2) < 1e-6
+    assert abs(cosine_loss(x, torch.zeros_like(x)).item() - 1) < 1e-6  # a zero teacher: cosine 0
     valid = torch.zeros(2, 3, 3, dtype=torch.bool)
     valid[:, :2] = True
     y = x.clone()
     y[:, :, 2] = -y[:, :, 2]  # only the masked-out row differs
-    assert abs(cosine_distill_loss(y, x, valid).item()) < 1e-6
+    assert abs(cosine_loss(y, x, valid).item()) < 1e-6
 
 
 def test_loss_averages_frames_not_cells():
@@ -42,7 +44,7 @@ def test_loss_averages_frames_not_cells():
     pred = target.clone()
     pred[0, 0, 0, 0] = -pred[0, 0, 0, 0]  # video 0 has one valid cell, and it is opposite: loss 2
     valid = torch.tensor([[[True, False], [False, False]], [[True, True], [True, True]]])
-    assert abs(cosine_distill_loss(pred, target, valid).item() - 1.0) < 1e-6  # (2 + 0) / 2 frames
+    assert abs(cosine_loss(pred, target, valid).item() - 1.0) < 1e-6  # (2 + 0) / 2 frames
 
 
 def test_head_taps_and_attention_over_layers():
@@ -127,7 +129,7 @@ def test_distillation_gradient_reaches_the_stab(tokenizer):
         for p in model.stab.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     batch = data.SyntheticQA(tokenizer, "train", model.cfg.n_frames, model.cfg.image_size).batch(0, 2)
-    teacher, dim = train.make_teacher("oracle", model.cfg)
+    teacher, dim = distill.make_teacher("oracle", model.cfg)
     head = DistillHead(model.cfg, dim)
     _, hidden = model(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"], return_hidden=True)
     loss = distill_loss(head, teacher, batch, hidden, model)
@@ -135,7 +137,7 @@ def test_distillation_gradient_reaches_the_stab(tokenizer):
     loss.backward()
     for name, p in [*model.stab.named_parameters(), *model.projector.named_parameters(), *head.named_parameters()]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    optimizer = train.make_optimizer(model, train.TrainConfig(), head=head)
+    optimizer = train.make_optimizer(model, train.TrainConfig(), True, head)
     assert {id(p) for p in head.parameters()} <= {id(p) for p in optimizer.param_groups[0]["params"]}
 
 
@@ -160,11 +162,11 @@ def rotary(model, positions):
 @pytest.mark.parametrize("split,n_frames,size,grid", [("train", 8, 48, 3), ("heldout", 8, 48, 3), ("train", 4, 32, 2),
                                                       ("train", 8, 64, 4)])
 def test_oracle_features_agree_with_the_pixels(split, n_frames, size, grid):
-    names, colors = data.ORACLE_FEATURES, np.array(list(data.COLORS.values()))  # (5, 3)
+    names, colors = distill.ORACLE_FEATURES, np.array(list(data.COLORS.values()))  # (5, 3)
     cell = size // grid
     for i in range(40):
         s = data.make_sample(i, split, n_frames, size)
-        f = data.oracle_features(s, grid)
+        f = distill.oracle_features(s, grid)
         assert f.shape == (n_frames, grid, grid, 24) and f.dtype == np.float32
         rows, cols = f[..., names.index("row 0"):names.index("row 3") + 1], f[..., names.index("column 0"):]
         assert (rows.sum(-1) == 1).all() and (cols.sum(-1) == 1).all()  # every cell says where it is
@@ -190,7 +192,7 @@ def test_oracle_features_agree_with_the_pixels(split, n_frames, size, grid):
 
 def test_oracle_needs_whole_cells():
     with pytest.raises(ValueError, match="whole cells"):
-        data.oracle_features(data.make_sample(0), 5)
+        distill.oracle_features(data.make_sample(0), 5)
 
 
 # --------------------------------------------------------------------------- train.py --distill=oracle
@@ -203,11 +205,11 @@ def test_train_with_the_oracle_teacher_saves_and_resumes_its_head(tmp_path, monk
     monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})  # answering is not tested here
     args = NANO_RUN + [f"--out_dir={tmp_path}"]
     train.main(args + ["--max_steps=1", "--distill=oracle", "--distill_weight=0.5"])
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["train_config"]["distill"] == "oracle" and "norm_layer.0.1.weight" in ckpt["distill_head"]
     train.main(args + ["--max_steps=2", "--init_from=resume"])
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
-    with pytest.raises(ValueError, match="--distill it was started with"):
+    assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    with pytest.raises(ValueError, match=r"options it began with; these differ: --distill= \(oracle there\)"):
         train.main(args + ["--max_steps=3", "--init_from=resume", "--distill="])
     with pytest.raises(ValueError, match="--distill must be"):
         train.main(args[:-1] + [f"--out_dir={tmp_path / 'other'}", "--distill=clip"])
@@ -217,8 +219,8 @@ def test_distillation_is_on_by_default_on_the_synthetic_task(tmp_path, monkeypat
     monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})
     args = NANO_RUN + ["--max_steps=1"]
     train.main(args + [f"--out_dir={tmp_path / 'auto'}"])  # --distill=auto: the synthetic task has the oracle
-    ckpt = torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=False)
+    ckpt = common.load_checkpoint(tmp_path / "auto" / "ckpt.pt")
     assert ckpt["train_config"]["distill"] == "oracle" and ckpt["distill_head"] is not None
     train.main(args + [f"--out_dir={tmp_path / 'off'}", "--distill="])
-    ckpt = torch.load(tmp_path / "off" / "ckpt.pt", weights_only=False)
+    ckpt = common.load_checkpoint(tmp_path / "off" / "ckpt.pt")
     assert ckpt["train_config"]["distill"] == "" and ckpt["distill_head"] is None

@@ -9,7 +9,6 @@ normalises by its own half of the batch."""
 
 import subprocess
 import sys
-from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -18,7 +17,9 @@ import pytest
 import torch
 from torch import distributed as dist
 
+import common
 import train
+import video
 import weights
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -40,7 +41,7 @@ def torchrun(*options):
 
 
 def load(path):
-    return torch.load(path, weights_only=False)
+    return common.load_checkpoint(path)
 
 
 def assert_close(expected, actual):
@@ -51,7 +52,7 @@ def assert_close(expected, actual):
 
 def assert_same_run(expected, actual):
     """Two checkpoints of the same training: same loss, same place in the data, same weights."""
-    assert actual["step"] == expected["step"] and actual["next_sample"] == expected["next_sample"]
+    assert actual["step"] == expected["step"] and actual["data_place"][0] == expected["data_place"][0]
     assert abs(actual["loss"] - expected["loss"]) < TOLERANCE
     assert_close(expected["model"], actual["model"])
 
@@ -96,7 +97,7 @@ def test_ddp_checkpoint_resumes_exactly(ddp_run, tmp_path):
     torchrun("--max_steps=2", "--batch_size=2", f"--out_dir={tmp_path}")
     torchrun("--init_from=resume", "--max_steps=3", f"--out_dir={tmp_path}")
     whole, parts = load(ddp_run[0] / "ckpt.pt"), load(tmp_path / "ckpt.pt")
-    assert parts["next_sample"] == whole["next_sample"] == 12
+    assert parts["data_place"] == whole["data_place"] == [12, 12]
     assert all(torch.equal(whole["model"][name], parts["model"][name]) for name in whole["model"])
     assert all(torch.equal(a["torch"], b["torch"]) for a, b in zip(whole["rng"], parts["rng"]))
 
@@ -124,7 +125,7 @@ def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes(one_process,
     assert "on cpu x 2 processes (FSDP)" in log and "steps 2 -> 3" in log
     # the folder, made into one file as its docstring says: ckpt.pt's "model" and "optimizer"
     dcp_to_torch_save(tmp_path / "ckpt_dcp", tmp_path / "full.pt")
-    ckpt = load(tmp_path / "full.pt") | load(tmp_path / "ckpt_dcp" / "train_state.pt")
+    ckpt = torch.load(tmp_path / "full.pt", weights_only=True) | common.load_checkpoint(tmp_path / "ckpt_dcp" / "train_state.pt", keys=())
     assert_same_run(one_process, ckpt)
     assert [s["step"].item() for s in ckpt["optimizer"]["state"].values()] == [3] * len(ckpt["optimizer"]["state"])
     exported, _ = weights.from_pretrained(tmp_path / "export")  # gathered to rank 0 and written there
@@ -154,32 +155,34 @@ class Numbered(torch.utils.data.Dataset):
 
 
 def take(batches, n):
-    """The first n of real_batches: (sample ids, epoch, position) each."""
-    return [(batch["id"], epoch, position) for batch, epoch, position in islice(batches, n)]
+    """The first n of video.batches: (sample ids, epoch, position) each."""
+    return [(batch["id"], *place) for batch, place in islice(batches, n)]
+
+
+def shares(dataset, batch_size, place=(0, 0), skipped=None, rank=0, world=1):
+    return video.batches(dataset, batch_size, 1337, place, "skip", [] if skipped is None else skipped, 0, rank, world)
 
 
 def test_real_data_shares_make_the_global_batch():
     """Process r of 2 takes every other sample of the epoch's order from the r-th: the k-th batches
     of both are together the k-th batch of one process with the global batch. Each process keeps
     its own place: with 9 samples, process 0 has 5 and process 1 only 4, and goes on into epoch 1."""
-    tc = replace(train.TrainConfig(), batch_size=2, num_workers=0, on_error="skip")
     dataset = Numbered(9)
-    one = take(train.real_batches(dataset, replace(tc, batch_size=4), 0, 0, []), 3)  # 4 + 4 + 1 samples
-    first, second = (take(train.real_batches(dataset, tc, 0, 0, [], rank, 2), 3) for rank in (0, 1))
+    one = take(shares(dataset, 4), 3)  # 4 + 4 + 1 samples
+    first, second = (take(shares(dataset, 2, rank=rank, world=2), 3) for rank in (0, 1))
     for k in range(2):
         assert sorted(first[k][0] + second[k][0]) == sorted(one[k][0])
     assert first[2] == (one[2][0], 0, 5)  # the epoch's last sample
     assert second[2][1:] == (1, 2)  # process 1's share of epoch 1's order
     # a resumed share goes on where it stopped: process 1, epoch 0, 2 of its 4 samples used
-    batch, epoch, position = next(train.real_batches(dataset, tc, 0, 2, [], 1, 2))
-    assert (batch["id"], epoch, position) == second[1]
+    batch, place = next(shares(dataset, 2, (0, 2), rank=1, world=2))
+    assert (batch["id"], *place) == second[1]
 
 
 def test_real_data_share_with_a_skipped_sample_still_yields_batches():
     """A process whose share holds an unusable sample yields smaller batches, never none, so it
     keeps in step with the others (the step's loss is normalised by the global token count)."""
-    tc = replace(train.TrainConfig(), batch_size=2, num_workers=0, on_error="skip")
-    order = np.random.default_rng([tc.seed, 0]).permutation(8)  # the epoch's order; process 1 takes 1, 3, 5, 7
+    order = np.random.default_rng([1337, 0]).permutation(8)  # the epoch's order; process 1 takes 1, 3, 5, 7
     skipped = []
-    batches = train.real_batches(Numbered(8, broken={int(order[1])}), tc, 0, 0, skipped, 1, 2)
+    batches = shares(Numbered(8, broken={int(order[1])}), 2, skipped=skipped, rank=1, world=2)
     assert take(batches, 1) == [([int(order[3])], 0, 2)] and len(skipped) == 1

@@ -9,28 +9,29 @@ import torch
 
 import data
 from panda import IGNORE_INDEX, PandaConfig, VideoPanda
-from train import TrainConfig, lr_at, parse_overrides
+from common import parse_args
+from train import TrainConfig, lr_at
 
 
 def test_overrides_are_typed_and_routed_to_their_config():
-    tc, cfg = parse_overrides(["--max_steps=7", "--lr_stab=0.5", "--lste=false", "--compile=1",
-                               "--preset=nano", "--lsd=avgpool"], TrainConfig, PandaConfig)
+    tc, cfg = parse_args(["--max_steps=7", "--lr_stab=0.5", "--lste=false", "--compile=1",
+                          "--preset=nano", "--lsd=avgpool"], "", TrainConfig, PandaConfig)
     assert tc == {"max_steps": 7, "lr_stab": 0.5, "compile": True, "preset": "nano"}
     assert cfg == {"lste": False, "lsd": "avgpool"}
     assert isinstance(tc["max_steps"], int) and isinstance(tc["lr_stab"], float)
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--max_stpes=7", "unknown option --max_stpes"),
+    ("--max_stpes=7", "unknown option --max_stpes; did you mean --max_steps"),
     ("--max_steps=7.5", "--max_steps expects int, got '7.5'"),
     ("--lste=maybe", "--lste expects a bool"),
     ("--lr_stab=fast", "--lr_stab expects float"),
-    ("max_steps=7", "look like --key=value"),
-    ("--max_steps", "look like --key=value"),
+    ("max_steps=7", "options look like --key=value"),
+    ("--max_steps", "options look like --key=value"),
 ])
 def test_bad_overrides_are_errors_not_ignored(arg, message):
     with pytest.raises(ValueError, match=message):
-        parse_overrides([arg], TrainConfig, PandaConfig)
+        parse_args([arg], "", TrainConfig, PandaConfig)
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine_to_the_floor():

@@ -1,4 +1,4 @@
-"""Real video files, frame sampling, letterbox geometry and the QA / instruction datasets (data.py, Section 2).
+"""Real video files, frame sampling, letterbox geometry and the QA / instruction datasets (video.py).
 
 The four real clips live in ../shared/data/videos (facts in its SOURCES.md); every other file is
 written by the tests into tmp_path with imageio's pyav plugin.
@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import av
@@ -17,8 +18,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-import data
-from data import IGNORE_INDEX, VIDEO_PLACEHOLDER, VideoError, AnnotationError
+import video
+from data import CLIP_MEAN, CLIP_STD, conversation_pieces
+from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig
+from video import AnnotationError, VideoError
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
@@ -45,7 +48,7 @@ def real_clip(name):
 @functools.lru_cache(maxsize=None)
 def decoded_real_clip(name):
     """Each real clip is decoded once per test session (about 1.5 s for all four)."""
-    return data.read_video(real_clip(name), 8)
+    return video.read_video(real_clip(name), 8)
 
 
 # --- writing test clips ---------------------------------------------------------------------
@@ -74,12 +77,43 @@ def which_grey_frame(frames):
 COLORS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)  # exact in GIF's rgb8 palette
 
 
+# --- helpers: what a few checks need, written out -------------------------------------------
+
+def hflip(clip):
+    return clip.flip(-1)
+
+
+def visual_token_count(mask_or_valid_hw, patch=14, window=2):
+    """LLM tokens per frame, 1 + h * (w + 1): a fused frame token, then h rows of w LSD tokens each
+    followed by a split token. The argument is a frame's mask (H, W) or (1, H, W), or the valid box's
+    (height, width) in pixels; (h, w) is that box in windows of patch * window pixels."""
+    if isinstance(mask_or_valid_hw, (torch.Tensor, np.ndarray)):
+        rows, cols = torch.nonzero(torch.as_tensor(mask_or_valid_hw).squeeze(0) > 0, as_tuple=True)
+        box_h, box_w = int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1
+    else:
+        box_h, box_w = mask_or_valid_hw
+    block = patch * window
+    assert box_h % block == 0 and box_w % block == 0, (box_h, box_w)
+    return 1 + box_h // block * (box_w // block + 1)
+
+
+def render_conversation(template, turns):
+    """The prompt as one string, with the video tag."""
+    names = {"bos": template.bos or "", "video": template.video_tag, "eos": template.eos}
+    return "".join(piece[1] if piece[0] == "text" else names[piece[0]] for piece in conversation_pieces(template, turns))
+
+
+def geometry(size, letterbox=True):
+    """A model config whose frames are size x size, letterboxed (the paper's) or centre-cropped."""
+    return PandaConfig.preset("paper", image_size=size, letterbox=letterbox)
+
+
 # --- real clips -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", REAL_CLIPS)
 def test_real_clip_frame_count_and_rate(name):
     n_total, n_header, fps, _ = REAL_CLIPS[name]
-    info = data.probe_video(real_clip(name))
+    info = video.probe_video(real_clip(name))
     assert (info["n_total"], info["n_header"]) == (n_total, n_header)
     assert info["count_source"] == ("packets" if name.endswith(".webm") else "header")
     assert info["fps"] == pytest.approx(fps)
@@ -88,7 +122,7 @@ def test_real_clip_frame_count_and_rate(name):
 @pytest.mark.parametrize("name", REAL_CLIPS)
 def test_real_clip_sampled_indices_and_shapes(name):
     n_total, _, fps, indices = REAL_CLIPS[name]
-    assert data.sample_frame_indices(n_total, fps, 8) == indices
+    assert video.sample_frame_indices(n_total, fps, 8) == indices
     frames, info = decoded_real_clip(name)
     assert info["indices"] == indices and info["n_total"] == n_total
     height, width = (150, 200) if name.endswith(".gif") else (720, 1280)
@@ -115,17 +149,17 @@ def test_webm_black_first_frame_is_sampled_as_the_rule_says():
 def test_real_clip_letterbox_tokens():
     for name, tokens in (("cockatoo.mp4", 154), ("newtonscradle.gif", 205)):  # 16:9 and 4:3
         frames, _ = decoded_real_clip(name)
-        video = data.letterbox(frames)
-        assert video.shape == (8, 4, 448, 448) and video.dtype == torch.float32
-        assert data.visual_token_count(video[0, 3]) == tokens
+        clip = video.letterbox(frames)
+        assert clip.shape == (8, 4, 448, 448) and clip.dtype == torch.float32
+        assert visual_token_count(clip[0, 3]) == tokens
 
 
 def test_header_that_overclaims_is_resampled(monkeypatch, tmp_path):
     path = write_clip(tmp_path / "ten.mp4", grey_clip(10, 32, 32))
-    real_probe = data.probe_video
-    monkeypatch.setattr(data, "probe_video", lambda p: {**real_probe(p), "n_total": 40})  # a lying header
+    real_probe = video.probe_video
+    monkeypatch.setattr(video, "probe_video", lambda p: {**real_probe(p), "n_total": 40})  # a lying header
     with pytest.warns(UserWarning, match="40 frames by the header count, but only 10 decode"):
-        frames, info = data.read_video(path, 8)
+        frames, info = video.read_video(path, 8)
     assert len(frames) == 8 and info["n_total"] == 10 and info["count_source"] == "decoded"
     assert which_grey_frame(frames) == info["indices"] == list(range(8))  # 10 frames at 10 fps: stride 1
 
@@ -133,27 +167,27 @@ def test_header_that_overclaims_is_resampled(monkeypatch, tmp_path):
 # --- frame sampling -------------------------------------------------------------------------
 
 def test_sampling_rule_branches():
-    assert data.sample_frame_indices(300, 30, 8) == [0, 30, 60, 90, 150, 180, 210, 270]  # linspace(0, 9, 8) = 0 1 2 3 5 6 7 9
-    assert data.sample_frame_indices(200, 25, 8) == list(range(0, 200, 25))  # exactly 8 candidates
-    assert data.sample_frame_indices(10, 30, 8) == list(range(8))  # stride max(1, 9 // 7) = 1
-    assert data.sample_frame_indices(57, 30, 8) == [0, 8, 16, 24, 32, 40, 48, 56]
+    assert video.sample_frame_indices(300, 30, 8) == [0, 30, 60, 90, 150, 180, 210, 270]  # linspace(0, 9, 8) = 0 1 2 3 5 6 7 9
+    assert video.sample_frame_indices(200, 25, 8) == list(range(0, 200, 25))  # exactly 8 candidates
+    assert video.sample_frame_indices(10, 30, 8) == list(range(8))  # stride max(1, 9 // 7) = 1
+    assert video.sample_frame_indices(57, 30, 8) == [0, 8, 16, 24, 32, 40, 48, 56]
 
 
 def test_sampling_short_clips_repeat_frames_in_order():
-    assert data.sample_frame_indices(3, 30, 8) == [0, 0, 0, 1, 1, 2, 2, 2]
-    assert data.sample_frame_indices(1, 30, 8) == [0] * 8  # the release divides by zero here
+    assert video.sample_frame_indices(3, 30, 8) == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert video.sample_frame_indices(1, 30, 8) == [0] * 8  # the release divides by zero here
     for n in range(1, 8):
-        indices = data.sample_frame_indices(n, 10, 8)
+        indices = video.sample_frame_indices(n, 10, 8)
         assert indices == sorted(indices) and set(indices) == set(range(n))
 
 
 def test_sampling_guards_odd_frame_rates():
     # fps < 0.5 gave the release a range() step of 0; stride 1 makes every frame a candidate
-    assert data.sample_frame_indices(15, 0.3, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
-    assert data.sample_frame_indices(15, 0.0, 8) == data.sample_frame_indices(15, float("nan"), 8)
+    assert video.sample_frame_indices(15, 0.3, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert video.sample_frame_indices(15, 0.0, 8) == video.sample_frame_indices(15, float("nan"), 8)
     for n in (8, 9, 50, 333, 1000):
         for fps in (0.1, 1, 7.5, 24, 29.97, 60, 1000):
-            indices = data.sample_frame_indices(n, fps, 8)
+            indices = video.sample_frame_indices(n, fps, 8)
             assert len(indices) == 8 and indices == sorted(indices) and 0 <= indices[0] and indices[-1] < n
 
 
@@ -162,19 +196,19 @@ def test_sampling_guards_odd_frame_rates():
 @pytest.mark.parametrize("n_frames, height, width", [(10, 112, 64), (12, 72, 128), (5, 61, 97), (1, 32, 32)])
 def test_written_mp4_counts_and_shapes(tmp_path, n_frames, height, width):
     path = write_clip(tmp_path / "clip.mp4", grey_clip(n_frames, height, width))
-    assert data.probe_video(path)["n_total"] == n_frames
-    frames, info = data.read_video(path, 8)
+    assert video.probe_video(path)["n_total"] == n_frames
+    frames, info = video.read_video(path, 8)
     assert frames.shape == (8, height, width, 3)
-    assert which_grey_frame(frames) == info["indices"] == data.sample_frame_indices(n_frames, 10, 8)
+    assert which_grey_frame(frames) == info["indices"] == video.sample_frame_indices(n_frames, 10, 8)
 
 
 def test_three_frame_clips_repeat_frames(tmp_path):
     mp4 = write_clip(tmp_path / "three.mp4", grey_clip(3, 48, 64))
-    frames, info = data.read_video(mp4, 8)
+    frames, info = video.read_video(mp4, 8)
     assert info["indices"] == which_grey_frame(frames) == [0, 0, 0, 1, 1, 2, 2, 2]
     colors = np.broadcast_to(COLORS[:, None, None, :], (3, 61, 97, 3)).copy()  # red, green, blue frames
     gif = write_clip(tmp_path / "three.gif", colors)
-    frames, info = data.read_video(gif, 8)
+    frames, info = video.read_video(gif, 8)
     assert frames.shape == (8, 61, 97, 3) and info["n_total"] == 3
     expected = COLORS[[0, 0, 0, 1, 1, 2, 2, 2]].astype(int)  # RGB order, not BGR (rgb8 stores 255 as 252)
     assert np.abs(frames[:, 30, 48].astype(int) - expected).max() <= 8
@@ -196,9 +230,9 @@ def spec_b1_box(height, width):
 def test_letterbox_box_is_the_spec_teacher_rule():
     for height in range(1, 400, 7):
         for width in (1, 3, 61, 97, 100, 224, 360, 448, 640, 720, 1280, 1920):
-            assert data.letterbox_box(height, width) == spec_b1_box(height, width)
+            assert video.letterbox_box(height, width) == spec_b1_box(height, width)
             teacher = tuple(value // 2 for value in spec_b1_box(height, width))
-            assert data.letterbox_box(height, width, canvas=224, patch=14, window=1) == teacher
+            assert video.letterbox_box(height, width, canvas=224, patch=14, window=1) == teacher
 
 
 @pytest.mark.parametrize("height, width, tokens", [
@@ -210,9 +244,9 @@ def test_letterbox_box_is_the_spec_teacher_rule():
 ])
 def test_letterbox_mask_and_tokens(height, width, tokens):
     frames = np.full((2, height, width, 3), 200, dtype=np.uint8)
-    video = data.letterbox(frames)
-    assert video.shape == (2, 4, 448, 448) and video.dtype == torch.float32
-    mask = video[:, 3]
+    clip = video.letterbox(frames)
+    assert clip.shape == (2, 4, 448, 448) and clip.dtype == torch.float32
+    mask = clip[:, 3]
     assert set(mask.unique().tolist()) <= {0.0, 1.0} and (mask[0] == mask[1]).all()
     rows, cols = torch.nonzero(mask[0], as_tuple=True)
     top, bottom, left, right = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
@@ -220,40 +254,40 @@ def test_letterbox_mask_and_tokens(height, width, tokens):
     for start, end in ((top, bottom), (left, right)):  # whole 28 px windows, centred, odd one after
         assert start % 28 == 0 and end % 28 == 0
         assert start // 28 == (16 - (end - start) // 28) // 2
-    assert data.visual_token_count(mask[0]) == data.visual_token_count((bottom - top, right - left)) == tokens
-    fill = (torch.tensor(data.LETTERBOX_FILL) / 255 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
-    outside = video[0, :3][:, mask[0] == 0]  # (3, n) padding pixels
+    assert visual_token_count(mask[0]) == visual_token_count((bottom - top, right - left)) == tokens
+    fill = (torch.tensor(video.LETTERBOX_FILL) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    outside = clip[0, :3][:, mask[0] == 0]  # (3, n) padding pixels
     if outside.numel():
         assert torch.allclose(outside, fill[:, None].expand_as(outside)) and fill.abs().max() < 0.02
-    inside = (torch.tensor([200.0] * 3) / 255 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
-    assert torch.allclose(video[0, :3, top + 10, left + 10], inside, atol=1e-5)
+    inside = (torch.tensor([200.0] * 3) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert torch.allclose(clip[0, :3, top + 10, left + 10], inside, atol=1e-5)
 
 
 def test_letterbox_smaller_canvas():
-    video = data.letterbox(np.zeros((3, 90, 160, 3), dtype=np.uint8), canvas=112)
-    assert video.shape == (3, 4, 112, 112)
+    clip = video.letterbox(np.zeros((3, 90, 160, 3), dtype=np.uint8), canvas=112)
+    assert clip.shape == (3, 4, 112, 112)
     # ceil(112 * 90 / 160 / 28) = ceil(2.25) = 3 of 4 windows tall; the odd padding window goes below
-    assert data.letterbox_box(90, 160, canvas=112) == (0, 0, 84, 112)
+    assert video.letterbox_box(90, 160, canvas=112) == (0, 0, 84, 112)
     with pytest.raises(ValueError, match="28"):
-        data.letterbox_box(90, 160, canvas=100)
+        video.letterbox_box(90, 160, canvas=100)
 
 
 def test_resize_center_crop():
     frames = np.zeros((2, 60, 100, 3), dtype=np.uint8)
     frames[:, :, 40:60] = 255  # a white band in the middle
-    video = data.resize_center_crop(frames, 48)
-    assert video.shape == (2, 3, 48, 48)  # 60x100 -> 48x80, crop columns 16..64
-    white = (1 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
-    assert torch.allclose(video[0, :, 24, 24], white, atol=1e-5)
-    assert torch.allclose(video[0, :, 24, 2], -torch.tensor(data.CLIP_MEAN) / torch.tensor(data.CLIP_STD), atol=1e-5)
+    clip = video.resize_center_crop(frames, 48)
+    assert clip.shape == (2, 3, 48, 48)  # 60x100 -> 48x80, crop columns 16..64
+    white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    assert torch.allclose(clip[0, :, 24, 24], white, atol=1e-5)
+    assert torch.allclose(clip[0, :, 24, 2], -torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD), atol=1e-5)
 
 
 def test_hflip_moves_frames_and_mask_together():
     frames = np.zeros((2, 112, 64, 3), dtype=np.uint8)
     frames[:, :, :8] = 255  # white left edge
-    video = data.letterbox(frames)
-    flipped = data.hflip(video)
-    assert torch.equal(data.hflip(flipped), video)
+    clip = video.letterbox(frames)
+    flipped = hflip(clip)
+    assert torch.equal(hflip(flipped), clip)
     cols = torch.nonzero(flipped[0, 3].any(0)).flatten()
     assert int(cols.min()) % 28 == 0 and (int(cols.max()) + 1) % 28 == 0  # still whole windows
     white_cols = torch.nonzero(flipped[0, 0, 50] > 1).flatten()
@@ -314,7 +348,7 @@ def bad_files(tmp_path):
 def test_bad_files_raise_video_error_naming_the_file(tmp_path):
     for name, (path, reason) in bad_files(tmp_path).items():
         with pytest.raises(VideoError) as caught:
-            data.read_video(path, 8)
+            video.read_video(path, 8)
         assert str(path) in str(caught.value) and reason in str(caught.value), name
 
 
@@ -325,9 +359,9 @@ def test_mp4_cut_in_its_data_is_sampled_from_what_decodes(tmp_path):
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(fast[:len(fast) // 2])
     with pytest.warns(UserWarning, match=f"{cut}: 20 frames by the header count, but only"):
-        frames, info = data.read_video(cut, 8)
+        frames, info = video.read_video(cut, 8)
     assert len(frames) == 8 and info["n_header"] == 20 and 0 < info["n_total"] < 20
-    assert info["indices"] == data.sample_frame_indices(info["n_total"], 10, 8)
+    assert info["indices"] == video.sample_frame_indices(info["n_total"], 10, 8)
 
 
 # --- tokenisation and datasets --------------------------------------------------------------
@@ -353,11 +387,11 @@ def answer_targets(tokenizer, answers):
 
 def test_vicuna_prompt_text():
     turns = [("what is the cat doing ?", "it sleeps"), ("why ?", "because")]
-    assert data.render_conversation(data.VICUNA_V1, turns) == (
+    assert render_conversation(video.VICUNA_V1, turns) == (
         "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
         "helpful, detailed, and polite answers to the user's questions. USER: <video>\nwhat is the cat doing ? "
         "ASSISTANT: it sleeps</s>USER: why ? ASSISTANT: because</s>")
-    assert data.render_conversation(data.VIDEOPANDA_V1, [("how many dogs ?", None)]).endswith(
+    assert render_conversation(video.VIDEOPANDA_V1, [("how many dogs ?", None)]).endswith(
         "answers to the human's questions. USER: <video>\nhow many dogs ? ASSISTANT:")
 
 
@@ -387,7 +421,7 @@ def instruction_files(tmp_path):
 
 def test_instruction_dataset_round_trip(tokenizer, instruction_files):
     path, folder, entries = instruction_files
-    dataset = data.VideoInstructionDataset(path, folder, tokenizer, size=112)
+    dataset = video.VideoInstructionDataset(path, folder, tokenizer, geometry(112))
     assert len(dataset) == 2
     for item, entry in zip(dataset, entries):
         ids, labels = item["input_ids"], item["labels"]
@@ -403,7 +437,7 @@ def test_instruction_dataset_round_trip(tokenizer, instruction_files):
     at = ids.index(VIDEO_PLACEHOLDER)
     assert ids[at - 2:at] == [tokenizer.token_to_id("USER"), tokenizer.token_to_id(":")]
     assert ids[at + 1:at + 3] == [tokenizer.token_to_id("what"), tokenizer.token_to_id("is")]
-    batch = data.collate_video_batch([dataset[0], dataset[1]], pad_id=1)
+    batch = video.collate_video_batch([dataset[0], dataset[1]], pad_id=1)
     assert batch["videos"].shape == (2, 8, 4, 112, 112) and batch["id"] == ["one", "two"]
     assert batch["lengths"].tolist() == [len(dataset[0]["input_ids"]), len(dataset[1]["input_ids"])]
     short = int(batch["lengths"][1])
@@ -415,13 +449,13 @@ def test_instruction_entry_missing_a_field(tokenizer, instruction_files):
     path, folder, entries = instruction_files
     no_video = [entries[0], {k: v for k, v in entries[1].items() if k != "video"}]
     with pytest.raises(AnnotationError, match=r"entry 1 \(id 'two'\): missing field 'video'"):
-        data.VideoInstructionDataset(write_json(folder / "bad.json", no_video), folder, tokenizer)
+        video.VideoInstructionDataset(write_json(folder / "bad.json", no_video), folder, tokenizer, geometry(56))
     no_value = json.loads(json.dumps(entries))
     del no_value[0]["conversations"][3]["value"]
     with pytest.raises(AnnotationError, match=r"entry 0 \(id 'one'\), turn 3: missing field 'value'"):
-        data.VideoInstructionDataset(write_json(folder / "bad2.json", no_value), folder, tokenizer)
+        video.VideoInstructionDataset(write_json(folder / "bad2.json", no_value), folder, tokenizer, geometry(56))
     with pytest.warns(UserWarning, match="skipped 1 invalid"):
-        lenient = data.VideoInstructionDataset(folder / "bad.json", folder, tokenizer, on_error="skip")
+        lenient = video.VideoInstructionDataset(folder / "bad.json", folder, tokenizer, geometry(56), on_error="skip")
     assert len(lenient) == 1 and "'video'" in lenient.invalid_entries[0]
 
 
@@ -429,23 +463,26 @@ def test_skip_policy_reports_the_skipped_ids(tokenizer, instruction_files):
     path, folder, entries = instruction_files
     entries = entries + [{**entries[1], "id": "three", "video": "nowhere.mp4"}]
     path = write_json(folder / "with_missing.json", entries)
-    with pytest.raises(VideoError, match=f"'three'.*'nowhere.mp4'.*{folder}"):
-        data.VideoInstructionDataset(path, folder, tokenizer, size=56)[2]
-    dataset = data.VideoInstructionDataset(path, folder, tokenizer, size=56, on_error="skip")
-    batch = data.collate_video_batch([dataset[i] for i in range(3)])
+    dataset = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56))
+    batch = video.collate_video_batch([dataset[i] for i in range(3)])
     assert batch["id"] == ["one", "two"] and batch["videos"].shape[0] == 2
     assert [sample_id for sample_id, _ in batch["skipped"]] == ["three"]
     assert "resolves to no file" in batch["skipped"][0][1]
-    nothing = data.collate_video_batch([dataset[2]])
+    nothing = video.collate_video_batch([dataset[2]])
     assert nothing["videos"] is None and len(nothing["skipped"]) == 1
+    with pytest.raises(VideoError, match=f"'three'.*'nowhere.mp4'.*{folder}.*--on_error=skip would skip it"):
+        video.apply_error_policy(batch, "raise", [])
+    skipped = []
+    video.apply_error_policy(batch, "skip", skipped)
+    assert len(skipped) == 1 and skipped[0].startswith("sample 'three': video 'nowhere.mp4'")
 
 
 def test_train_flip_only_when_asked(tokenizer, instruction_files):
     path, folder, _ = instruction_files
-    still = data.VideoInstructionDataset(path, folder, tokenizer, size=56)
-    flipped = data.VideoInstructionDataset(path, folder, tokenizer, size=56, train=True, flip_prob=1.0)
+    still = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56))
+    flipped = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56), train=True, flip_prob=1.0)
     assert torch.equal(still[0]["video"], still[0]["video"])  # evaluation is deterministic
-    assert torch.equal(flipped[0]["video"], data.hflip(still[0]["video"]))
+    assert torch.equal(flipped[0]["video"], hflip(still[0]["video"]))
 
 
 @pytest.fixture
@@ -462,8 +499,8 @@ def qa_files(tmp_path):
 
 def test_qa_dataset_round_trip(tokenizer, qa_files):
     questions, answers, folder = qa_files
-    prompts = data.VideoQADataset(questions, answers, folder, tokenizer, size=56, geometry="center_crop")
-    scored = data.VideoQADataset(questions, answers, folder, tokenizer, size=56, include_answer=True)
+    prompts = video.VideoQADataset(questions, answers, folder, tokenizer, geometry(56, letterbox=False))
+    scored = video.VideoQADataset(questions, answers, folder, tokenizer, geometry(56), include_answer=True)
     assert len(prompts) == 3
     for k, (question, answer) in enumerate([("what is the cat doing ?", "sleeps"), ("how many dogs ?", "two"),
                                             ("what color is the cat ?", "red")]):
@@ -481,24 +518,23 @@ def test_qa_missing_video_and_missing_field(tokenizer, qa_files):
     questions, answers, folder = qa_files
     entries = json.loads(questions.read_text()) + [{"video_name": "gone", "question": "why ?", "question_id": "q9"}]
     answer_entries = json.loads(answers.read_text()) + [{"answer": "because", "question_id": "q9"}]
-    dataset = data.VideoQADataset(write_json(folder / "q.json", entries), write_json(folder / "a.json", answer_entries),
-                                  folder, tokenizer, size=56)
-    with pytest.raises(VideoError, match=f"'q9'.*'gone'.*{folder}"):
-        dataset[3]
+    dataset = video.VideoQADataset(write_json(folder / "q.json", entries), write_json(folder / "a.json", answer_entries),
+                                  folder, tokenizer, geometry(56))
+    assert dataset[3]["id"] == "q9" and re.search(f"'q9'.*'gone'.*{folder}", dataset[3]["skipped"])
     del answer_entries[1]["answer"]
     with pytest.raises(AnnotationError, match=r"a2.json: entry 1 \(id 1\): missing field 'answer'"):
-        data.VideoQADataset(questions, write_json(folder / "a2.json", answer_entries), folder, tokenizer)
+        video.VideoQADataset(questions, write_json(folder / "a2.json", answer_entries), folder, tokenizer, geometry(56))
 
 
 def test_dataloader_workers(tokenizer, qa_files):
     questions, answers, folder = qa_files
-    dataset = data.VideoQADataset(questions, answers, folder, tokenizer, size=56, include_answer=True)
+    dataset = video.VideoQADataset(questions, answers, folder, tokenizer, geometry(56), include_answer=True)
     pickle.loads(pickle.dumps(dataset))  # what a spawned worker gets
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2,
-                                         collate_fn=functools.partial(data.collate_video_batch, pad_id=1))
+                                         collate_fn=functools.partial(video.collate_video_batch, pad_id=1))
     batches = list(loader)
     assert [batch["id"] for batch in batches] == [["q0", "1"], ["q2"]]
-    expected = data.collate_video_batch([dataset[0], dataset[1]], pad_id=1)
+    expected = video.collate_video_batch([dataset[0], dataset[1]], pad_id=1)
     for key in ("videos", "input_ids", "labels", "lengths"):
         assert torch.equal(batches[0][key], expected[key]), key
     assert batches[0]["videos"].shape == (2, 8, 4, 56, 56) and batches[1]["answer"] == ["red"]

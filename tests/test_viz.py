@@ -4,6 +4,7 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 
+import common
 import sample
 import train
 import viz
@@ -74,7 +75,7 @@ def test_sample_viz_writes_a_gif_with_a_picture_per_frame(tmp_path, monkeypatch)
     pictures = iio.imread(gif, index=None, plugin="pillow")
     zoom = -(-viz.MIN_PANEL // 32)
     assert pictures.shape[:3] == (4, viz.CAPTION + 32 * zoom, 4 * 32 * zoom + 3 * viz.GAP)
-    cfg = train.load_checkpoint(tmp_path / "ckpt.pt", "cpu")[0].cfg
+    cfg = PandaConfig(**common.load_checkpoint(tmp_path / "ckpt.pt")["model_config"])
     frame = viz.frames_rgb(sample.load_video("synthetic:3", cfg)[0])[2]  # the first panel: the frame, enlarged
     shown = pictures[2, viz.CAPTION:, :32 * zoom, :3][::zoom, ::zoom]
     assert np.abs(shown.astype(int) - frame).max() <= 8  # GIF palettes round the colours a little

@@ -23,14 +23,16 @@ import json
 import math
 import statistics
 import sys
+from pathlib import Path
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import panda
-from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig, QueryAttention, StaticKVCache, VideoPanda
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, wherever this runs from
+import panda  # noqa: E402
+from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig, QueryAttention, StaticKVCache, VideoPanda  # noqa: E402
 
 SECTIONS = ("stab", "vit", "decode", "train")
 RUN_ORDER = SECTIONS

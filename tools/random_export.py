@@ -1,7 +1,7 @@
 """A model with random weights, exported like a trained one, with a tokenizer and an instruction file
 over a folder of clips: what a multi-GPU timing run of the 7B stages needs, with no 7B download.
 
-    python random_export.py --out=out/random-paper --videos=../shared/data/videos
+    python tools/random_export.py --out=out/random-paper --videos=../shared/data/videos
     torchrun --standalone --nproc_per_node=2 train.py --init_from=out/random-paper --stage=pretrain \\
         --data=out/random-paper/instructions.json --video_folder=../shared/data/videos --fsdp=true ...
 
@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-import data
-import train
-import weights
-from panda import PandaConfig, VideoPanda
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, wherever this runs from
+import common  # noqa: E402
+import video  # noqa: E402
+import weights  # noqa: E402
+from panda import PandaConfig, VideoPanda  # noqa: E402
 
 SENTENCES = [  # what a Video-ChatGPT-style answer sounds like; eight of them make one answer
     "The video shows a scene filmed outdoors on a bright day with soft light and green grass.",
@@ -60,28 +61,28 @@ def learn_tokenizer():
     """BPE over the answers, the questions and the chat templates, with Llama's special tokens."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    texts = SENTENCES + QUESTIONS + [data.VICUNA_V1.system, data.VIDEOPANDA_V1.system, "USER: ASSISTANT:"]
+    texts = SENTENCES + QUESTIONS + [video.VICUNA_V1.system, video.VIDEOPANDA_V1.system, "USER: ASSISTANT:"]
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
     return tokenizer
 
 
 def main(argv):
-    ec_changes, cfg_changes = train.parse_overrides(argv, ExportConfig, PandaConfig)
+    ec_changes, cfg_changes = common.parse_args(argv, __doc__, ExportConfig, PandaConfig)
     ec = ExportConfig(**ec_changes)
     folder = Path(ec.videos)
-    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in data.VIDEO_EXTENSIONS) \
+    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in video.VIDEO_EXTENSIONS) \
         if folder.is_dir() else []
     if not names:
         raise ValueError(f"--videos={ec.videos!r}: expected a folder with video files "
-                         f"({', '.join(data.VIDEO_EXTENSIONS)}), found none")
+                         f"({', '.join(video.VIDEO_EXTENSIONS)}), found none")
     tokenizer = learn_tokenizer()
     cfg = PandaConfig.preset(ec.preset, **cfg_changes)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than vocab_size="
                          f"{cfg.vocab_size}: pass a larger --vocab_size")
     torch.manual_seed(ec.seed)
-    with torch.device(train.pick_device(ec.device)):
+    with torch.device(common.pick_device(ec.device)):
         model = VideoPanda(cfg).to(getattr(torch, ec.dtype))
     weights.save_pretrained(model, tokenizer, ec.out)
     (Path(ec.out) / "instructions.json").write_text(json.dumps(instructions(names, ec.samples), indent=1))
@@ -91,7 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    common.run(main, sys.argv[1:])
