@@ -75,7 +75,7 @@ def distill_loss(head, teacher, batch, hidden, model):
     """The distillation term of one batch: the head's predictions at every frame's grid tokens
     against the frozen teacher's features (B, T, g, g, D) of the same frames."""
     videos, dev, g = batch["videos"], hidden[0].device, model.cfg.grid
-    valid = model.stab.valid_cells(videos, g, g)  # None without letterboxing
+    valid = model.stab.valid_cells(videos, g)  # None without letterboxing
     valid = None if valid is None else valid.to(dev)
     start = (batch["input_ids"] == VIDEO_PLACEHOLDER).int().argmax(1).to(dev)
     pos = grid_positions(model.cfg, start, valid)  # (B, T, g, g)

@@ -1,22 +1,32 @@
-"""Video-Panda in one file: the Spatio-Temporal Alignment Block (STAB), a Llama-family decoder,
-and the model that splices a video's visual tokens into a prompt.
+"""Video-Panda in one file: the Spatio-Temporal Alignment Block (STAB), a Llama-family decoder, and
+the model that splices a video's visual tokens into a prompt.
 
-Video-Panda (Yi et al., CVPR 2025, arXiv 2412.18609) is an *encoder-free* video-language model:
-raw frames go through a ~24M-parameter STAB and a projector straight into the LLM, with no
-pretrained image encoder. Read top to bottom:
+Video-Panda (Yi et al., CVPR 2025, arXiv 2412.18609) is an *encoder-free* video-language model: raw
+frames go through a ~24M-parameter STAB and a ~21M-parameter projector straight into the LLM, with no
+pretrained image encoder. Read top to bottom, the order in which a video flows (paper Sec. 3.1, Fig. 3):
 
-  STAB   patch embedding -> LSTE (local spatio-temporal convs) -> GSTRA (one token per chunk of
-         frames) -> skip -> LSD (2x2 window attention) -> FSRA (one token per frame) -> fusion
-         -> [fused token, rows of grid tokens each followed by a split token] per frame
-  Projector  Linear -> GELU -> Linear to the decoder width
-  Decoder    Llama-style: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV cache
+  PatchEmbed      frames -> patch tokens                                         Eq. 1
+  LSTE            local spatio-temporal convolutions on chunks of k frames      Eq. 2-3
+  GSTRA           one query attends over a whole chunk: one token per chunk     Eq. 11-13
+  LSD             each s x s window of patches becomes one token by attention   Eq. 4-7
+  FSRA            one query attends over a frame's grid: one token per frame    Eq. 8-10
+  STAB            fuses the chunk and frame tokens, lays out rows + split tokens Eq. 14-16
+  projector       every visual token to the decoder's width                     Eq. 17
+  Decoder         Llama: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, KV cache
+  VideoPanda      splice, next-token loss (Eq. 20), generate
 
-The maths follows the official release where it differs from the paper's equations (so that the
-released weights give the released outputs); each such place says how the paper writes it.
+Where the official release differs from the paper's equations, the code follows the release (so that
+its weights give its outputs), and the comment says how the paper writes it. Every module is written
+first in its plain form, the maths as the paper and the release write it; where a faster form of the
+same function exists it sits beside, behind one switch, PandaConfig.fast, with a line saying why the
+two are equal (tests/test_fast_path.py proves it, forward and gradients).
+
+Shapes: B videos, T frames per video, k frames per chunk, S canvas side (pixels), P patch side,
+p = S / P patches per side, s LSD window side, g = p / s grid cells per side, C STAB width,
+D decoder width, L tokens in a sequence, V vocabulary.
 """
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -24,44 +34,45 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-VIDEO_PLACEHOLDER = -200  # the id standing for "<video>" in input_ids (the release's IMAGE_TOKEN_INDEX)
-IGNORE_INDEX = -100       # label of positions that carry no loss
+VIDEO_PLACEHOLDER = -200  # the id that stands for "<video>" in input_ids (the release's IMAGE_TOKEN_INDEX)
+IGNORE_INDEX = -100       # the label of positions that carry no loss
 
 
 @dataclass
 class PandaConfig:
     # --- video input ---
-    n_frames: int = 8          # frames sampled per video; a multiple of chunk_frames
-    image_size: int = 448      # square canvas the frames are letterboxed onto
-    patch_size: int = 14       # patch embedding kernel = stride
-    lsd_window: int = 2        # LSD merges lsd_window x lsd_window patches into one token
-    chunk_frames: int = 4      # LSTE and GSTRA see chunks of this many frames (release: 4)
+    n_frames: int = 8          # T: frames sampled per video, a multiple of chunk_frames
+    image_size: int = 448      # S: the square canvas frames are letterboxed onto
+    patch_size: int = 14       # P: patch embedding kernel = stride
+    lsd_window: int = 2        # s: LSD merges s x s patches into one token
+    chunk_frames: int = 4      # k: LSTE and GSTRA see chunks of this many frames (the release's 4)
     letterbox: bool = True     # frames keep their aspect ratio on the canvas, with a 4th mask channel
     # --- STAB ---
-    stab_dim: int = 1024       # width C of every STAB token
+    stab_dim: int = 1024       # C: the width of every STAB token
     stab_heads: int = 8        # heads of LSD, FSRA and GSTRA attention
     lste_reduction: float = 1.5  # LSTE bottleneck = int(C // reduction) channels
     gstra_mlp_ratio: int = 4   # GSTRA's MLP hidden width = ratio * C
-    stab_dropout: float = 0.5  # dropout in GSTRA's MLP and the fusion projection (release: 0.5)
-    # --- decoder (Llama family; field meanings follow Hugging Face's LlamaConfig) ---
-    vocab_size: int = 32000
-    d_model: int = 4096        # decoder width; the projector maps stab_dim -> d_model
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int = 32       # < n_heads: grouped-query attention
-    head_dim: int = 0          # 0 means d_model // n_heads (Qwen2/Mistral may set it)
+    stab_dropout: float = 0.5  # dropout in GSTRA's MLP and the fusion projection (the release's 0.5)
+    fast: bool = True          # the fast forms of the same maths; False runs every module's plain form
+    # --- decoder (Llama family; the fields of Hugging Face's LlamaConfig) ---
+    vocab_size: int = 32000    # V
+    d_model: int = 4096        # D: decoder width; the projector maps C -> D
+    n_layers: int = 32         # decoder blocks
+    n_heads: int = 32          # query heads
+    n_kv_heads: int = 32       # key/value heads; fewer than n_heads: grouped-query attention
+    head_dim: int = 0          # 0 means D // n_heads (Qwen2 and Mistral may set it)
     ffn_dim: int = 11008       # SwiGLU hidden width
-    rms_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5      # RMSNorm epsilon
+    rope_theta: float = 10000.0  # rotary base
     rope_factor: float = 1.0   # llama3-style rope scaling; 1.0 means none
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_len: int = 8192
-    max_seq_len: int = 4096    # context: video tokens + text + generated tokens
-    qkv_bias: bool = False     # Qwen2 has biases on q/k/v projections
+    rope_low_freq_factor: float = 1.0  # llama3 rope scaling: wavelengths above original / this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3 rope scaling: wavelengths below original / this are kept
+    rope_original_max_len: int = 8192  # llama3 rope scaling: the context the model was trained with
+    max_seq_len: int = 4096    # context: visual tokens + text + generated tokens
+    qkv_bias: bool = False     # Qwen2 has biases on the q/k/v projections
     tie_embeddings: bool = False  # lm_head shares the token embedding (small models)
     grad_checkpoint: bool = False  # recompute decoder blocks in backward to save memory
-    # --- ablations (paper Table 4); the defaults are the full model. Switched-off modules are not built.
+    # --- the paper's Table 4 ablations; the defaults are the full model; a module switched off is not built
     split_tokens: bool = True  # False: rows are not closed by a split token
     fsra: bool = True          # False: the fused token is fuse(chunk token) alone
     lsd: str = "attention"     # "avgpool": each window's plain average replaces LSD's attention
@@ -87,7 +98,7 @@ class PandaConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     @property
-    def grid(self):  # cells per side of a full frame's LSD grid
+    def grid(self):  # g: cells per side of a full frame's LSD grid
         return self.image_size // (self.patch_size * self.lsd_window)
 
     @property
@@ -114,149 +125,153 @@ PRESETS = {
     "tiny": dict(n_frames=8, image_size=48, patch_size=8, chunk_frames=4, stab_dim=96, stab_heads=4,
                  vocab_size=128, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
                  max_seq_len=256, stab_dropout=0.0, letterbox=False),
-    # the release: 8 frames of 448x448, STAB width 1024, Vicuna-7B-shaped decoder
+    # the release: 8 frames of 448x448, STAB width 1024, a Vicuna-7B-shaped decoder
     "paper": dict(),
 }
 
 
 # ============================================================================================
-# STAB: the Spatio-Temporal Alignment Block
+# STAB: the Spatio-Temporal Alignment Block (Sec. 3.1)
 # ============================================================================================
 
-class QueryAttention(nn.Module):
-    """One query token cross-attends over a set of tokens, with a residual to the raw query.
-    EVE's LocalAttention/GlobalAttention, reused here by LSD, FSRA and GSTRA."""
+class PatchEmbed(nn.Conv2d):
+    """Patch embedding (Eq. 1; the release's `patch_embedding`): every P x P patch of a frame is mapped
+    linearly to C numbers, a Conv2d whose stride is its kernel, without bias."""
 
-    def __init__(self, dim, heads, bias=False, full_width_scale=True):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim, bias=bias))
-        self.kv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim, bias=bias))  # rows: [K; V]
-        self.proj = nn.Linear(dim, dim)
-        # The release (inherited from EVE) scales LSD/FSRA logits by C^-0.5 over the full width,
-        # not by head_dim^-0.5; GSTRA uses the standard head_dim^-0.5.
-        self.scale = dim ** -0.5 if full_width_scale else (dim // heads) ** -0.5
+    def __init__(self, cfg):
+        super().__init__(3, cfg.stab_dim, cfg.patch_size, cfg.patch_size, bias=False)
+        self.fast = cfg.fast
 
-    fast = True  # class-wide switch: False forces the plain path everywhere (tests compare the two)
-    keep_weights = False  # set by attention_maps(): store the softmax weights as .weights (N, h, L)
-
-    def forward(self, query, tokens, key_mask=None):  # (N, C), (N, L, C), (N, L) bool -> (N, C)
-        N, L, C = tokens.shape
-        h, d = self.heads, C // self.heads
-        q = self.q(query).view(N, h, 1, d)
-        if self.fast and L > h and not self.keep_weights:
-            o = self.pooled_attention(q, tokens, key_mask)
-        else:
-            # One query over a few keys (LSD's windows), written out rather than through SDPA: a fused
-            # kernel has nothing to gain here and fails once N reaches 65536 windows (PyTorch issue
-            # 181085; LSD at 32 videos of 448 px). Written out, it can also keep its weights.
-            k, v = self.kv(tokens).view(N, L, 2, h, d).permute(2, 0, 3, 1, 4)  # (N, h, L, d) each
-            logits = (q * k).sum(-1) * self.scale  # (N, h, L)
-            if key_mask is not None:
-                logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
-            a = logits.float().softmax(-1).to(q.dtype)
-            if self.keep_weights:
-                self.weights = a.detach()
-            o = (a[..., None] * v).sum(2)  # (N, h, d)
-        return query + self.proj(o.reshape(N, C))
-
-    def pooled_attention(self, q, tokens, key_mask):  # q (N, h, 1, d), (N, L, C), (N, L) -> (N, h, d)
-        """The same attention without a key and a value for every token. Per head,
-        q.(W_k x + b_k) = (W_k^T q).x + q.b_k, where q.b_k is the same for all tokens and cancels in
-        the softmax; and sum_l a_l (W_v x_l + b_v) = W_v (sum_l a_l x_l) + b_v since the a_l sum to 1.
-        So map the query back to token space (C numbers per head), attend over the normalised tokens
-        themselves (one shared "key head" for all h query heads), and project one pooled token per
-        head: per query 2C^2 multiply-adds instead of 2LC^2, a win when L > heads (GSTRA's 4096
-        tokens, FSRA's 256; LSD's 4-token windows stay plain).
-        Two matmuls rather than SDPA: with a "head" of C numbers no fused kernel applies, and SDPA's
-        fallback ran 4-7x slower than the plain path (bench.py)."""
-        h, d = q.shape[1], q.shape[-1]
-        x = self.kv[0](tokens)  # (N, L, C)
-        w_k, w_v = self.kv[1].weight.view(2, h, d, -1)  # (h, d, C) each
-        # einsum, not q @ w_k: broadcasting the weights over N would copy them N times
-        logits = torch.einsum("nhd,hdc->nhc", q.squeeze(2), w_k) @ x.transpose(1, 2) * self.scale  # (N, h, L)
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
-        pooled = logits.float().softmax(-1).to(x.dtype) @ x  # (N, h, C)
-        o = torch.einsum("nhc,hdc->nhd", pooled, w_v)  # (N, h, d)
-        return o if self.kv[1].bias is None else o + self.kv[1].bias.view(2, h, d)[1]
-
-
-@contextmanager
-def attention_maps(model):
-    """Inside `with attention_maps(model) as maps:` every QueryAttention takes the plain path and keeps
-    its softmax weights; on leaving, maps = {module name: weights (N, heads, L) of its last call}, e.g.
-    "stab.lsd.attn". Outside the block nothing is stored, so the default forward pays nothing."""
-    modules, maps = {n: m for n, m in model.named_modules() if isinstance(m, QueryAttention)}, {}
-    for m in modules.values():
-        m.fast, m.keep_weights = False, True  # instance attributes shadow the class defaults
-    try:
-        yield maps
-    finally:
-        for name, m in modules.items():
-            maps[name] = m.__dict__.pop("weights", None)  # None: it was not called inside the block
-            del m.fast, m.keep_weights
+    def forward(self, frames):  # (N, 3, S, S) -> (N, p, p, C), channels last as the STAB keeps its tokens
+        if not self.fast:
+            return super().forward(frames).permute(0, 2, 3, 1)
+        # Fast: the patches do not overlap, so the conv is one matmul of each flattened patch (in the
+        # weight's channel, row, column order) with the (C, 3*P*P) weight; cuDNN runs a 3-channel conv slowly.
+        N, c, S, _ = frames.shape
+        P, p = self.kernel_size[0], S // self.kernel_size[0]
+        patches = frames.reshape(N, c, p, P, p, P).permute(0, 2, 4, 1, 3, 5).reshape(N, p * p, c * P * P)
+        return (patches @ self.weight.flatten(1).T).view(N, p, p, -1)
 
 
 class LSTE(nn.Module):
-    """Local Spatio-Temporal Encoding (paper Sec. 3.2): a temporal depthwise-conv bottleneck
-    (UniFormerV2's local MHRA, release `lmhra1`) and a 3x3x3 depthwise position conv (`dpe`)."""
+    """Local Spatio-Temporal Encoding (Sec. 3.1, Eq. 2-3; the release's `lmhra1` and `dpe`, after
+    UniFormerV2's local MHRA): a bottleneck of 1x1x1 conv, depthwise conv over 3 frames and 1x1x1 conv,
+    added to its input (Eq. 2), then a 3x3x3 depthwise conv added in turn (Eq. 3, "DPE"). Purely linear.
+    The release puts a BatchNorm first, which the paper does not show."""
 
     def __init__(self, cfg):
         super().__init__()
         C, r = cfg.stab_dim, int(cfg.stab_dim // cfg.lste_reduction)
-        # BatchNorm is not in the paper; the release has it. Purely linear: no activation anywhere.
+        self.fast = cfg.fast
         self.norm = nn.BatchNorm3d(C)
         self.reduce = nn.Conv3d(C, r, 1)
         self.temporal = nn.Conv3d(r, r, (3, 1, 1), padding=(1, 0, 0), groups=r)
         self.expand = nn.Conv3d(r, C, 1)
         self.dpe = nn.Conv3d(C, C, 3, padding=1, groups=C)
         for p in (self.expand.weight, self.expand.bias, self.dpe.bias):
-            nn.init.zeros_(p)  # the temporal branch starts as the identity; dpe's weight does not
+            nn.init.zeros_(p)  # the bottleneck starts as the identity; dpe's weight keeps its default init
 
-    def forward(self, x):  # (N, k, h, w, C): N = videos * chunks, k frames per chunk, channels last
-        # The convs keep nn.Conv3d's weights (the release's names and shapes) but run on channels-last
-        # tokens, the layout of the patch matmul, GSTRA and LSD, so that no transpose is ever made: a
-        # 1x1x1 conv is a Linear over channels, and BatchNorm3d takes a channels-first view.
-        y = self.norm(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
-        y = F.linear(y, self.reduce.weight.flatten(1), self.reduce.bias)  # (N, k, h, w, r)
-        x = x + F.linear(temporal_conv(self.temporal, y), self.expand.weight.flatten(1), self.expand.bias)
-        return x + dpe_conv(self.dpe, x)
+    def forward(self, x):  # (N, k, p, p, C) -> the same: N chunks of k frames, channels last
+        if self.fast:
+            return self.forward_fast(x)
+        y = x.permute(0, 4, 1, 2, 3)  # (N, C, k, p, p): the Conv3d layout. Convs zero-pad at chunk ends
+        y = y + self.expand(self.temporal(self.reduce(self.norm(y))))  # Eq. 2
+        y = y + self.dpe(y)  # Eq. 3
+        return y.permute(0, 2, 3, 4, 1)
+
+    def forward_fast(self, x):
+        """The same convs on channels-last tokens, never transposed: a 1x1x1 conv is a Linear over
+        channels, the temporal conv is 3 shifted products, the 3x3x3 conv three 3x3 depthwise convs."""
+        y = self.norm(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)  # BatchNorm3d on a channels-first view
+        y = F.linear(y, self.reduce.weight.flatten(1), self.reduce.bias)  # (N, k, p, p, r)
+        k = x.shape[1]
+        padded = F.pad(y, (0, 0, 0, 0, 0, 0, 1, 1))  # (N, k + 2, p, p, r): zero frames at both ends
+        w = self.temporal.weight.view(-1, 3)  # (r, 3): a weight per channel and time tap
+        y = sum(w[:, t] * padded[:, t:t + k] for t in range(3)) + self.temporal.bias
+        x = x + F.linear(y, self.expand.weight.flatten(1), self.expand.bias)
+        return x + self.dpe_fast(x)
+
+    def dpe_fast(self, x):  # (N, k, p, p, C) -> the same
+        """The 3x3x3 depthwise conv as three 3x3 depthwise 2D convs z_t, one per time tap t, each over all
+        frames, summed with their shifts in time: y[f] = z_0[f-1] + z_1[f] + z_2[f+1] (zero-padded);
+        cuDNN's 2D depthwise kernels are fast on channels-last frames, its 3D one is not."""
+        k, C = x.shape[1], x.shape[-1]
+        frames = x.flatten(0, 1).permute(0, 3, 1, 2)  # (N*k, C, p, p), channels-last strides
+        z = [F.conv2d(frames, self.dpe.weight[:, :, t], padding=1, groups=C).permute(0, 2, 3, 1).reshape(x.shape)
+             for t in range(3)]
+        earlier = F.pad(z[0], (0, 0, 0, 0, 0, 0, 1, 0))[:, :k]  # frame f gets z_0 of frame f-1
+        later = F.pad(z[2], (0, 0, 0, 0, 0, 0, 0, 1))[:, 1:]   # and z_2 of frame f+1
+        return earlier + z[1] + later + self.dpe.bias
 
 
-def temporal_conv(conv, x):  # (N, k, h, w, r) -> (N, k, h, w, r)
-    """LSTE's depthwise (3, 1, 1) conv over frames, zero-padded, as one shifted product per tap: the
-    library kernel wants channels first, and compiled the sum is one pass (0.18 ms at 16 videos)."""
-    k = x.shape[1]
-    padded = F.pad(x, (0, 0, 0, 0, 0, 0, 1, 1))  # (N, k + 2, h, w, r)
-    w = conv.weight.view(-1, 3)  # (r, 3): a weight per channel and tap
-    return sum(w[:, t] * padded[:, t:t + k] for t in range(3)) + conv.bias
+class QueryAttention(nn.Module):
+    """One query token attends over a set of tokens (Eq. 4), with a residual to the raw query: the
+    cross-attention of GSTRA, LSD and FSRA (the release's LocalAttention/GlobalAttention, from EVE).
+    q = W_q LN(query); [k; v] = W_kv LN(tokens); per head a softmax of q.k * scale weights the v's;
+    the heads are concatenated, projected by W_o and added to the query."""
+
+    def __init__(self, dim, heads, bias=False, full_width_scale=True, fast=True):
+        super().__init__()
+        self.heads, self.fast = heads, fast
+        self.q = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim, bias=bias))
+        self.kv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim, bias=bias))  # rows: [K; V]
+        self.proj = nn.Linear(dim, dim)
+        # The release scales LSD's and FSRA's logits by C^-0.5 over the full width (inherited from
+        # EVE), not by the usual head_dim^-0.5; GSTRA uses the usual one.
+        self.scale = dim ** -0.5 if full_width_scale else (dim // heads) ** -0.5
+
+    def forward(self, query, tokens, key_mask=None):  # (N, C), (N, L, C), (N, L) bool -> (N, C)
+        N, L, C = tokens.shape
+        if self.fast and L > self.heads:
+            return query + self.proj(self.pooled(query, tokens, key_mask).reshape(N, C))
+        weights, v = self.attention(query, tokens, key_mask)  # (N, heads, L), (N, heads, L, d)
+        return query + self.proj((weights[..., None] * v).sum(2).reshape(N, C))
+
+    def attention(self, query, tokens, key_mask=None):
+        """The softmax weights (N, heads, L) and the values (N, heads, L, d): the plain form, which
+        viz.py also calls to draw what each query looks at."""
+        N, L, C = tokens.shape
+        q = self.q(query).view(N, self.heads, 1, -1)  # (N, heads, 1, d)
+        k, v = self.kv(tokens).view(N, L, 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (N, heads, L, d) each
+        logits = (q * k).sum(-1) * self.scale  # (N, heads, L)
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
+        return logits.float().softmax(-1).to(q.dtype), v
+
+    def pooled(self, query, tokens, key_mask):  # -> (N, heads, d)
+        """Fast: the same attention without a key and a value for every token. Per head,
+        q.(W_k x + b_k) = (W_k^T q).x + q.b_k, where q.b_k is the same for every token and cancels in
+        the softmax; and sum_l a_l (W_v x_l + b_v) = W_v (sum_l a_l x_l) + b_v as the a_l sum to 1. So
+        map the query back to token space, attend over the normalised tokens themselves, and project
+        one pooled token per head: 2C^2 multiply-adds per query instead of 2LC^2 (GSTRA: L = k*p*p)."""
+        N, L, C = tokens.shape
+        x = self.kv[0](tokens)  # (N, L, C)
+        w_k, w_v = self.kv[1].weight.view(2, self.heads, C // self.heads, C)  # (heads, d, C) each
+        q = self.q(query).view(N, self.heads, -1)  # (N, heads, d)
+        # einsum, not q @ w_k: broadcasting the weights over N would copy them N times
+        logits = torch.einsum("nhd,hdc->nhc", q, w_k) @ x.transpose(1, 2) * self.scale  # (N, heads, L)
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None], float("-inf"))
+        pooled = logits.float().softmax(-1).to(x.dtype) @ x  # (N, heads, C)
+        o = torch.einsum("nhc,hdc->nhd", pooled, w_v)
+        return o if self.kv[1].bias is None else o + self.kv[1].bias.view(2, self.heads, -1)[1]
 
 
-def dpe_conv(conv, x):  # (N, k, h, w, C) -> (N, k, h, w, C)
-    """LSTE's 3x3x3 depthwise conv as three 3x3 depthwise 2D convs, one per time tap t, each over all
-    frames, then summed with the tap's shift in time: y[f] = z0[f-1] + z1[f] + z2[f+1] (zero-padded).
-    On channels-last frames cuDNN's 2D depthwise kernels are fast: compiled, 1.06 ms at 16 videos
-    against 2.36 for the 3D library kernel (which also wants channels first) and 3.5 for the 27
-    shifted products fused by torch.compile (bench_notes.md)."""
-    N, k, h, w, C = x.shape
-    frames = x.reshape(N * k, h, w, C).permute(0, 3, 1, 2)  # (N*k, C, h, w) with channels-last strides
-    z = [F.conv2d(frames, conv.weight[:, :, t], padding=1, groups=C).permute(0, 2, 3, 1).reshape(N, k, h, w, C)
-         for t in range(3)]
-    earlier = F.pad(z[0], (0, 0, 0, 0, 0, 0, 1, 0))[:, :k]  # frame f gets z0 of frame f-1
-    later = F.pad(z[2], (0, 0, 0, 0, 0, 0, 0, 1))[:, 1:]   # and z2 of frame f+1
-    return earlier + z[1] + later + conv.bias
+class QuickGELU(nn.Module):  # CLIP's and UniFormerV2's GELU approximation, which GSTRA's MLP uses
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
 
 
 class GSTRA(nn.Module):
-    """Global Spatio-Temporal Relationship Aggregator (paper Sec. 3.2): a learned query
-    cross-attends over all k*h*w tokens of a chunk, then an MLP (UniFormerV2 decoder block)."""
+    """Global Spatio-Temporal Relationship Aggregator (Sec. 3.1, Eq. 11-13; the release's `dec`, a
+    UniFormerV2 decoder block): a learned query attends over all k*p*p tokens of a chunk, then an MLP.
+    One token per chunk of k frames, shared by its frames: the paper speaks of one per video."""
 
     def __init__(self, cfg):
         super().__init__()
         C = cfg.stab_dim
-        self.query = nn.Parameter(torch.zeros(C))  # zero: GSTRA starts as mean pooling
-        self.attn = QueryAttention(C, cfg.stab_heads, bias=True, full_width_scale=False)
+        self.query = nn.Parameter(torch.zeros(C))  # `temporal_cls_token`
+        self.attn = QueryAttention(C, cfg.stab_heads, bias=True, full_width_scale=False, fast=cfg.fast)
         self.norm = nn.LayerNorm(C)
         self.mlp = nn.Sequential(nn.Linear(C, cfg.gstra_mlp_ratio * C), QuickGELU(), nn.Dropout(cfg.stab_dropout),
                                  nn.Linear(cfg.gstra_mlp_ratio * C, C))
@@ -264,133 +279,113 @@ class GSTRA(nn.Module):
         for lin in (self.attn.q[1], self.attn.kv[1]):
             nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(lin.bias)
-        for lin in (self.attn.proj, self.mlp[-1]):  # residual outputs start at zero
+        # The query starts at zero, so the attention starts uniform; the two output layers start at zero,
+        # so the chunk token itself starts at exactly zero and grows from there (the release's constructor).
+        for lin in (self.attn.proj, self.mlp[-1]):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, tokens):  # (N, k*h*w, C) -> (N, C), one token per chunk
-        # Keys are the full-resolution LSTE output, letterbox padding included and unmasked, as
-        # released; the paper's Eq. 12 attends over the downsampled tokens.
+    def forward(self, tokens):  # (N, k*p*p, C) -> (N, C)
+        # Keys are the full-resolution LSTE output, letterbox padding included and unmasked, as the
+        # release does; the paper's Eq. 12 may mean the downsampled tokens.
         x = self.attn(self.query.expand(tokens.shape[0], -1), tokens)
         return x + self.mlp(self.norm(x))
 
 
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
 class LSD(nn.Module):
-    """Local Spatial Downsampling (paper Sec. 3.3): each s x s window of patch tokens becomes one
-    token by attention. The paper's query is a learned W_ij; the release queries with the
-    window's average and adds that average back as the residual."""
+    """Local Spatial Downsampling (Sec. 3.1, Eq. 4-7; the release's `local_attention`): each s x s
+    window of patch tokens becomes one token by attention over the window. The paper's query is a
+    learned W_ij (Eq. 5); the release queries with the window's average and adds that average back."""
 
     def __init__(self, cfg):
         super().__init__()
         self.s = cfg.lsd_window
-        self.attn = QueryAttention(cfg.stab_dim, cfg.stab_heads) if cfg.lsd == "attention" else None
+        self.attn = QueryAttention(cfg.stab_dim, cfg.stab_heads, fast=cfg.fast) if cfg.lsd == "attention" else None
 
-    def forward(self, x):  # (F, H, W, C) -> (F, H/s, W/s, C)
-        Fr, H, W, C = x.shape
-        s, h, w = self.s, H // self.s, W // self.s
-        windows = x.view(Fr, h, s, w, s, C).permute(0, 1, 3, 2, 4, 5).reshape(Fr * h * w, s * s, C)
-        mean = windows.mean(1)  # (F*h*w, C); with lsd="avgpool" (Table 4's "w/o LSD") the output itself
-        return (mean if self.attn is None else self.attn(mean, windows)).view(Fr, h, w, C)
+    def forward(self, x):  # (N, h, w, C) patches -> (N, h/s, w/s, C); the STAB's frames have h = w = p
+        N, h, w, C = x.shape
+        s = self.s
+        windows = x.reshape(N, h // s, s, w // s, s, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, C)
+        mean = windows.mean(1)  # (N*h*w/s^2, C); with lsd="avgpool" (Table 4's "w/o LSD") the output itself
+        return (mean if self.attn is None else self.attn(mean, windows)).view(N, h // s, w // s, C)
 
 
 class FSRA(nn.Module):
-    """Frame-wise Spatial Relationship Aggregator (paper Sec. 3.3): one learned query per frame
-    attends over that frame's valid tokens. The paper has a query per frame (W_t); the release
-    shares one `class_embedding` across frames."""
+    """Frame-wise Spatial Relationship Aggregator (Sec. 3.1, Eq. 8-10; the release's `global_attention`):
+    a learned query attends over one frame's valid grid tokens: one token per frame. The paper has a
+    query per frame position (W_t, Eq. 8); the release shares one, `class_embedding`, across frames."""
 
     def __init__(self, cfg):
         super().__init__()
         self.query = nn.Parameter(torch.randn(cfg.stab_dim))
-        self.attn = QueryAttention(cfg.stab_dim, cfg.stab_heads)
+        self.attn = QueryAttention(cfg.stab_dim, cfg.stab_heads, fast=cfg.fast)
 
-    def forward(self, tokens, valid=None):  # (F, L, C), (F, L) bool -> (F, C)
+    def forward(self, tokens, valid=None):  # (N, g*g, C), (N, g*g) bool -> (N, C)
         return self.attn(self.query.expand(tokens.shape[0], -1), tokens, valid)
 
 
-def patch_embed(conv, frames):  # (N, 3, S, S) -> (N, S/P, S/P, C), channels last
-    """conv(frames) for a convolution whose stride is its kernel P, computed as what it is: one matmul
-    of each frame's non-overlapping patches, flattened in the weight's (channel, row, column) order,
-    with the weight (C, 3*P*P). cuDNN ran the 3-input-channel conv at ~4% of the matmul rate (bench.py)."""
-    N, c, S, _ = frames.shape
-    P, n = conv.kernel_size[0], S // conv.kernel_size[0]
-    patches = frames.reshape(N, c, n, P, n, P).permute(0, 2, 4, 1, 3, 5).reshape(N, n * n, c * P * P)
-    return (patches @ conv.weight.flatten(1).T).view(N, n, n, -1)
-
-
 class STAB(nn.Module):
-    """Spatio-Temporal Alignment Block (paper Sec. 3, Fig. 2): frames -> visual tokens.
-    Per frame: [fused context token, then h rows of w grid tokens each closed by a split token]."""
+    """Spatio-Temporal Alignment Block (Sec. 3.1, Fig. 3; the release's `VideoTokenizer`): frames ->
+    visual tokens. Per frame: [fused context token, then g rows of g grid tokens each closed by a split token]."""
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         C = cfg.stab_dim
-        self.patch_embed = nn.Conv2d(3, C, cfg.patch_size, cfg.patch_size, bias=False)
+        self.patch_embed = PatchEmbed(cfg)
         # Ablations (cfg.lste, gstra, fsra, split_tokens) leave their modules as None: no parameters.
         self.lste = LSTE(cfg) if cfg.lste else None
         self.gstra = GSTRA(cfg) if cfg.gstra else None
         self.lsd = LSD(cfg)
         self.fsra = FSRA(cfg) if cfg.fsra else None
-        self.balance = nn.Parameter(torch.zeros(C)) if cfg.gstra and cfg.fsra else None  # sigmoid(0): even mix
-        self.fuse = nn.Sequential(nn.LayerNorm(C), nn.Dropout(cfg.stab_dropout), nn.Linear(C, C))
-        self.split_token = nn.Parameter(torch.randn(C)) if cfg.split_tokens else None
+        self.balance = nn.Parameter(torch.zeros(C)) if cfg.gstra and cfg.fsra else None  # sigmoid(0): an even mix
+        self.fuse = nn.Sequential(nn.LayerNorm(C), nn.Dropout(cfg.stab_dropout), nn.Linear(C, C))  # `proj`
+        self.split_token = nn.Parameter(torch.randn(C)) if cfg.split_tokens else None  # `split_embedding`
 
     def forward(self, video):
-        """video (B, T, 3 or 4, S, S) -> tokens (B, L, C) and lengths (B,).
-        Channel 3, when present, is the letterbox mask (1 = real pixels); each video's valid box
-        is a rectangle shared by its frames. Videos with a smaller box get fewer tokens: they are
-        packed to the left and padded to the longest video's L."""
+        """video (B, T, 3 or 4, S, S) -> tokens (B, L, C) and lengths (B,). Channel 3, when present, is
+        the letterbox mask (1 = real pixels); each video's valid box is a rectangle shared by its frames.
+        Videos with a smaller box get fewer tokens: they are packed to the left and padded."""
         cfg = self.cfg
         B, T = video.shape[:2]
         k, C = cfg.chunk_frames, cfg.stab_dim
-        p = patch_embed(self.patch_embed, video[:, :, :3].flatten(0, 1))  # (B*T, Hp, Wp, C)
-        Hp, Wp = p.shape[1:3]
-
-        # LSTE and GSTRA run on chunks of k frames, chunks folded into the batch. Tokens stay channels
-        # last from the patch matmul to LSD: every reshape below is a view, not a copy.
-        chunks = p.view(B * T // k, k, Hp, Wp, C)
+        x = self.patch_embed(video[:, :, :3].flatten(0, 1))  # (B*T, p, p, C)
+        p = x.shape[1]
+        # LSTE and GSTRA see chunks of k frames, the chunks folded into the batch. Tokens stay channels
+        # last from the patch embedding to LSD: in the fast forms every reshape here is a view, not a copy.
+        chunks = x.reshape(B * T // k, k, p, p, C)
         local = self.lste(chunks) if cfg.lste else chunks
-        chunk_token = self.gstra(local.view(B * T // k, k * Hp * Wp, C)) if cfg.gstra else None  # (B*T/k, C)
-        # The release adds the raw patch embeddings once more (LSTE's residual already holds them):
-        # the identity path is doubled, which the paper's equations do not show. Without LSTE: once.
-        x = ((local + chunks) if cfg.lste else chunks).view(B * T, Hp, Wp, C)
-
-        grid = self.lsd(x)  # (B*T, h, w, C)
-        h, w = grid.shape[1:3]
-        valid = self.valid_cells(video, h, w)  # (B, h, w) bool, or None when every cell is valid
+        chunk_token = self.gstra(local.reshape(B * T // k, k * p * p, C)) if cfg.gstra else None  # (B*T/k, C)
+        # The release adds the raw patch embeddings once more (LSTE's residual already holds them): the
+        # identity path is doubled, which the paper's equations do not show. Without LSTE: once.
+        grid = self.lsd(((local + chunks) if cfg.lste else chunks).reshape(B * T, p, p, C))  # (B*T, g, g, C)
+        g = grid.shape[1]
+        valid = self.valid_cells(video, g)  # (B, g, g) bool, or None when every cell is valid
         frame_valid = None if valid is None else valid.repeat_interleave(T, 0).flatten(1)
         frame_token = self.fsra(grid.flatten(1, 2), frame_valid) if cfg.fsra else None  # (B*T, C)
-
         if cfg.gstra:
-            chunk_token = chunk_token.repeat_interleave(k, 0)  # (B*T, C): frames of chunk j use token j
-        if cfg.gstra and cfg.fsra:
+            chunk_token = chunk_token.repeat_interleave(k, 0)  # (B*T, C): the frames of chunk j share token j
+        if cfg.gstra and cfg.fsra:  # Eq. 14: a learned per-channel mix, then the shared projection
             alpha = torch.sigmoid(self.balance)
             fused = self.fuse((1 - alpha) * chunk_token + alpha * frame_token)
-        else:  # ablation "w/o FSRA" or "w/o GSTRA": the one context left
+        else:  # the ablations "w/o FSRA" and "w/o GSTRA": the one context left
             fused = self.fuse(chunk_token if cfg.gstra else frame_token)
-
-        n = int(cfg.split_tokens)  # split tokens per row, 1 or 0
-        rows = torch.cat([grid, self.split_token.expand(B * T, h, 1, C)], 2) if n else grid  # (B*T, h, w+n, C)
-        tokens = torch.cat([fused[:, None], rows.flatten(1, 2)], 1).view(B, T * (1 + h * (w + n)), C)
+        n = int(cfg.split_tokens)  # split tokens per row, 1 or 0 (Eq. 15); the fused token goes first (Eq. 16)
+        rows = torch.cat([grid, self.split_token.expand(B * T, g, 1, C)], 2) if n else grid  # (B*T, g, g+n, C)
+        tokens = torch.cat([fused[:, None], rows.flatten(1, 2)], 1).view(B, T * (1 + g * (g + n)), C)
         if valid is None:
             return tokens, torch.full((B,), tokens.shape[1], device=video.device)
         # Keep the fused token, the valid cells, and the split token of every valid row.
-        keep_rows = torch.cat([valid, valid.any(2, keepdim=True)[..., :n]], 2).flatten(1)  # (B, h*(w+n))
-        keep = torch.cat([keep_rows.new_ones(B, 1), keep_rows], 1).repeat(1, T)  # (B, T*(1+h*(w+n)))
+        keep_rows = torch.cat([valid, valid.any(2, keepdim=True)[..., :n]], 2).flatten(1)  # (B, g*(g+n))
+        keep = torch.cat([keep_rows.new_ones(B, 1), keep_rows], 1).repeat(1, T)  # (B, T*(1+g*(g+n)))
         return pack_left(tokens, keep)
 
-    def valid_cells(self, video, h, w):
-        """The letterbox mask at LSD-grid resolution, (B, h, w) bool; None without a mask channel."""
+    def valid_cells(self, video, g):
+        """The letterbox mask on the LSD grid, (B, g, g) bool; None without a mask channel or when the box is whole."""
         if video.shape[2] == 3:
             return None
         mask = video[:, :, 3]  # (B, T, S, S)
-        cells = F.avg_pool2d(mask.flatten(0, 1)[:, None].float(), mask.shape[-1] // h)[:, 0]
-        cells = cells.view(mask.shape[0], -1, h, w)
+        cells = F.avg_pool2d(mask.flatten(0, 1)[:, None].float(), mask.shape[-1] // g)[:, 0].view(-1, mask.shape[1], g, g)
         rect = cells[:, 0].bool()
         box = rect.any(2)[:, :, None] & rect.any(1)[:, None, :]
         if not (((cells == 0) | (cells == 1)).all() and (cells == rect[:, None]).all() and (box == rect).all()):
@@ -412,7 +407,7 @@ def pack_left(tokens, keep):
 
 
 # ============================================================================================
-# Decoder: a Llama-family causal language model written from scratch
+# Decoder: a Llama-family causal language model, written from scratch
 # ============================================================================================
 
 class RMSNorm(nn.Module):
@@ -450,27 +445,29 @@ def rotate_half(x):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        d, hd = cfg.d_model, cfg.dim_per_head
-        self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, hd
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        D, d = cfg.d_model, cfg.dim_per_head
+        self.n_heads, self.n_kv_heads, self.d = cfg.n_heads, cfg.n_kv_heads, d
+        self.q_proj = nn.Linear(D, cfg.n_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * d, D, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):  # x (B, L, d); cos, sin (B or 1, L, hd)
+    def forward(self, x, cos, sin, mask=None, cache=None, slots=None):
+        """x (B, L, D); cos, sin (B or 1, L, d). Without a mask, each query sees itself and the L - 1
+        queries before it (training, and a prefill). cache: this layer's (keys, values) buffers of a
+        KVCache, written at `slots`; with a mask (B, 1, 1, slots) the queries attend over the whole
+        buffers and the mask alone says which slots each row may see (decoding)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, L, hd)
-        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
-        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(B, L, self.n_heads, self.d).transpose(1, 2)  # (B, n_heads, L, d)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.d).transpose(1, 2)  # (B, n_kv_heads, L, d)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.d).transpose(1, 2)
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
-            k, v = cache.update(k, v)
-        # Without a mask every query sees itself and what precedes it (SDPA aligns is_causal to the
-        # top left, so this is only right when the keys are exactly these L positions). With a mask
-        # (decoding after a padded prefill) the mask alone says what each query may see.
-        if mask is None and k.shape[2] != L:
-            raise ValueError(f"{k.shape[2]} cached keys for {L} queries: decoding with a cache needs a mask")
+            cache[0].index_copy_(2, slots, k)
+            cache[1].index_copy_(2, slots, v)
+            if mask is not None:
+                k, v = cache
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
@@ -495,49 +492,28 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask=None, cache=None, slots=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class KVCache:
-    """Keys and values of everything seen so far, one (k, v) pair per layer, grown by concatenation."""
-
-    def __init__(self, n_layers):
-        self.layers = [None] * n_layers
-        self.layer = 0  # which layer's update comes next
-
-    def update(self, k, v):  # (B, nkv, L_new, hd) each -> all keys and values so far
-        old = self.layers[self.layer]
-        if old is not None:
-            k, v = torch.cat([old[0], k], 2), torch.cat([old[1], v], 2)
-        self.layers[self.layer] = (k, v)
-        self.layer = (self.layer + 1) % len(self.layers)
-        return k, v
-
-
-class StaticKVCache:
-    """KVCache in preallocated (B, nkv, max_len, hd) buffers, written in place at `slots`: shapes
-    never change, so a compiled decode step can replay one CUDA graph per token (as gpt-fast does).
-    Decoding attends over the whole buffer; the mask hides the slots not written yet."""
+    """The keys and values of every position so far, for generation: per layer a preallocated buffer
+    (B, n_kv_heads, max_len, head_dim), written in place at the slots of new tokens. Its shapes never
+    change, so a compiled decode step can replay one CUDA graph per token (as gpt-fast does)."""
 
     def __init__(self, cfg, batch, max_len, dtype, device):
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.dim_per_head)  # zeros: masked, and never NaN
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.layer, self.slots = 0, None  # slots (L_new,): where the next update writes
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.dim_per_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: slots not written yet are masked,
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # and never NaN
 
-    def update(self, k, v):
-        i, self.layer = self.layer, (self.layer + 1) % len(self.k)
-        self.k[i].index_copy_(2, self.slots, k)
-        self.v[i].index_copy_(2, self.slots, v)
-        # Only the prefill writes several slots, from slot 0: its own keys are all there is so far.
-        return (k, v) if k.shape[2] > 1 else (self.k[i], self.v[i])
+    def __len__(self):  # slots
+        return self.k.shape[3]
 
 
 class Decoder(nn.Module):
-    """A Llama-family decoder (Llama 2/3, Vicuna, Mistral, Qwen2, SmolLM): parameter names follow
-    Hugging Face's so that checkpoints map one to one."""
+    """A Llama-family decoder (Llama 2/3, Vicuna, Mistral, Qwen2, SmolLM): the parameter names are
+    Hugging Face's, so that checkpoints map one to one."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -562,19 +538,20 @@ class Decoder(nn.Module):
         self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
         return self
 
-    def forward(self, x, positions, mask=None, cache=None, return_hidden=False):
-        """x (B, L, d) embeddings at positions (B or 1, L) -> final hidden states (B, L, d). return_hidden:
-        also the list of n_layers + 1 hidden states as Hugging Face counts them (distillation, spec D.1):
-        [0] the input embeddings, [i] block i's output, [n_layers] the final normed output."""
-        angles = positions[..., None].float() * self.inv_freq  # (B or 1, L, hd/2)
-        angles = torch.cat([angles, angles], -1)  # rotate-half layout: both halves share a frequency
+    def forward(self, x, positions, mask=None, cache=None, slots=None, return_hidden=False):
+        """x (B, L, D) embeddings at positions (B or 1, L) -> final hidden states (B, L, D). cache, slots
+        and mask as Attention takes them. return_hidden: also the n_layers + 1 hidden states as Hugging
+        Face counts them (distillation): [0] the input embeddings, [i] block i's output, [-1] the final norm's."""
+        angles = positions[..., None].float() * self.inv_freq  # (B or 1, L, d/2)
+        angles = torch.cat([angles, angles], -1)  # the rotate-half layout: both halves share a frequency
         cos, sin = angles.cos(), angles.sin()
         hidden = [x]
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
             if self.cfg.grad_checkpoint and self.training:
-                x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, kv, slots, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache)
+                x = block(x, cos, sin, mask, kv, slots)
             if return_hidden:  # otherwise each block's output is freed as soon as the next one has run
                 hidden.append(x)
         x = self.norm(x)
@@ -590,118 +567,109 @@ class VideoPanda(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.stab = STAB(cfg)
-        # mlp2x_gelu: applied to every visual token, fused and split tokens included
+        # Eq. 17, the release's mlp2x_gelu: every visual token, fused and split tokens included
         self.projector = nn.Sequential(nn.Linear(cfg.stab_dim, cfg.d_model), nn.GELU(),
                                        nn.Linear(cfg.d_model, cfg.d_model))
         self.decoder = Decoder(cfg)
 
     def num_params(self):
-        """Parameters per group; shared (tied) tensors are counted once."""
+        """Parameters per part; shared (tied) tensors are counted once."""
         def count(module):
             return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
         return {"stab": count(self.stab), "projector": count(self.projector), "decoder": count(self.decoder)}
 
     def encode_videos(self, videos):
-        """videos (B, T, 3 or 4, S, S) -> visual embeddings (B, L, d_model), lengths (B,)."""
-        self.check_videos(videos)
-        tokens, lengths = self.stab(videos.to(self.projector[0].weight.dtype))
-        return self.projector(tokens), lengths
-
-    def check_videos(self, videos):
+        """videos (B, T, 3 or 4, S, S) -> visual embeddings (B, L, D), lengths (B,)."""
         cfg = self.cfg
         if videos.ndim != 5 or videos.shape[2] not in (3, 4):
             raise ValueError(f"videos must be (batch, frames, 3 or 4 channels, height, width); got shape "
                              f"{tuple(videos.shape)}")
-        B, T, _, H, W = videos.shape
+        T, S, W = videos.shape[1], videos.shape[3], videos.shape[4]
         if T % cfg.chunk_frames:
             raise ValueError(f"got {T} frames per video; the STAB needs a multiple of chunk_frames={cfg.chunk_frames}")
-        if H != W or H % (cfg.patch_size * cfg.lsd_window):
+        if S != W or S % (cfg.patch_size * cfg.lsd_window):
             raise ValueError(f"frames must be square with a side that is a multiple of patch_size*lsd_window="
-                             f"{cfg.patch_size * cfg.lsd_window}; got {H}x{W}")
+                             f"{cfg.patch_size * cfg.lsd_window}; got {S}x{W}")
+        tokens, lengths = self.stab(videos.to(self.projector[0].weight.dtype))
+        return self.projector(tokens), lengths
 
     def embed_inputs(self, videos, input_ids, labels=None, lengths=None):
-        """Splice each video's visual tokens at the VIDEO_PLACEHOLDER of its prompt.
-        input_ids (B, S) right-padded, lengths (B,) real tokens per row (None: all S).
-        Returns embeddings (B, L, d) right-padded with zeros, labels (B, L) or None, lengths (B,)."""
-        B, S = input_ids.shape
+        """Splice each video's visual tokens at the VIDEO_PLACEHOLDER of its prompt. input_ids (B, L_text)
+        right-padded, lengths (B,) real tokens per row (None: all). Returns the embeddings (B, L, D),
+        right-padded with zeros, the labels (B, L) or None, and the lengths (B,)."""
+        B, L_text = input_ids.shape
         dev = input_ids.device
-        lengths = torch.full((B,), S, device=dev) if lengths is None else lengths.to(dev)
-        in_text = torch.arange(S, device=dev) < lengths[:, None]
-        is_video = (input_ids == VIDEO_PLACEHOLDER) & in_text
+        lengths = torch.full((B,), L_text, device=dev) if lengths is None else lengths.to(dev)
+        is_video = (input_ids == VIDEO_PLACEHOLDER) & (torch.arange(L_text, device=dev) < lengths[:, None])
         if not (is_video.sum(1) == 1).all():
             raise ValueError(f"every prompt needs exactly one <video> placeholder ({VIDEO_PLACEHOLDER}); "
                              f"found {is_video.sum(1).tolist()} per row")
-        vis, n_vis = self.encode_videos(videos)  # (B, V, d), (B,)
+        vis, n_vis = self.encode_videos(videos)  # (B, L_vis, D), (B,)
         out_len = lengths - 1 + n_vis
         if int(out_len.max()) > self.cfg.max_seq_len:
             raise ValueError(f"a sequence of {int(out_len.max())} tokens (text plus visual) exceeds the "
                              f"decoder's context of max_seq_len={self.cfg.max_seq_len}; shorten the prompt "
                              f"or use fewer frames")
-
-        # Output position j takes text position j before the placeholder, visual token j - p inside
-        # the video span, and text position j - n_vis + 1 after it. One gather each, no loop.
-        p = is_video.int().argmax(1)[:, None]  # (B, 1)
+        # Output position j takes text position j before the placeholder, visual token j - at inside
+        # the video's span, and text position j - n_vis + 1 after it. One gather each, no loop.
+        at = is_video.int().argmax(1)[:, None]  # (B, 1)
         j = torch.arange(int(out_len.max()), device=dev)[None]  # (1, L)
-        in_video = (j >= p) & (j < p + n_vis[:, None])
-        text_pos = torch.where(j < p, j, j - n_vis[:, None] + 1).clamp(0, S - 1)
-        vis_pos = (j - p).clamp(0, vis.shape[1] - 1)
-        text = self.decoder.embed_tokens(input_ids.clamp(min=0)).to(vis.dtype)  # placeholder is replaced below
+        in_video = (j >= at) & (j < at + n_vis[:, None])
+        text_pos = torch.where(j < at, j, j - n_vis[:, None] + 1).clamp(0, L_text - 1)
+        vis_pos = (j - at).clamp(0, vis.shape[1] - 1)
+        text = self.decoder.embed_tokens(input_ids.clamp(min=0)).to(vis.dtype)  # the placeholder is replaced below
         gather = lambda t, idx: t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-        x = torch.where(in_video[..., None], gather(vis, vis_pos), gather(text, text_pos))
         real = j < out_len[:, None]
-        x = x * real[..., None]
+        x = torch.where(in_video[..., None], gather(vis, vis_pos), gather(text, text_pos)) * real[..., None]
         if labels is not None:
             labels = torch.where(in_video | ~real, IGNORE_INDEX, labels.to(dev).gather(1, text_pos))
         return x, labels, out_len
 
     def forward(self, videos, input_ids, labels=None, lengths=None, reduction="mean", return_hidden=False):
-        """Without labels: logits (B, L, vocab) over the spliced sequence. With labels (B, S) aligned
-        to input_ids (IGNORE_INDEX on everything but answer tokens): the next-token loss, averaged
-        over supervised tokens (reduction="mean") or summed ("sum", for exact accumulation).
+        """Without labels: logits (B, L, V) over the spliced sequence. With labels aligned to input_ids
+        (IGNORE_INDEX on everything but answer tokens): the next-token loss (Eq. 20), averaged over the
+        supervised tokens (reduction="mean") or summed ("sum", for exact accumulation).
         return_hidden: (that, the decoder's hidden states), as Decoder.forward returns them."""
         x, labels, _ = self.embed_inputs(videos, input_ids, labels, lengths)
-        # Right padding means causal masking alone is exact for every real position.
+        # Right padding: the causal mask alone is exact for every real position.
         h = self.decoder(x, torch.arange(x.shape[1], device=x.device)[None], return_hidden=return_hidden)
         h, hidden = h if return_hidden else (h, None)
         if labels is None:
             out = self.decoder.lm_head(h)
         else:
             targets = labels[:, 1:]
-            supervised = targets != IGNORE_INDEX  # only those positions need the (large) vocabulary head
+            supervised = targets != IGNORE_INDEX  # only these positions need the (large) vocabulary head
             logits = self.decoder.lm_head(h[:, :-1][supervised])
             out = F.cross_entropy(logits.float(), targets[supervised], reduction=reduction)
         return (out, hidden) if return_hidden else out
 
     @torch.no_grad()
     def generate(self, videos, input_ids, lengths=None, max_new_tokens=32, temperature=0.0, top_k=None,
-                 eos_id=None, generator=None, static_cache=False):
-        """Answer each prompt; returns new tokens (B, n) with eos_id after a row has finished."""
+                 eos_id=None, generator=None, cache=None):
+        """Answer each prompt; returns the new tokens (B, n), eos_id after a row has finished."""
         steps = list(self.stream(videos, input_ids, lengths, max_new_tokens, temperature, top_k, eos_id, generator,
-                                 static_cache))
+                                 cache))
         return torch.stack(steps, 1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
 
     @torch.no_grad()
     def stream(self, videos, input_ids, lengths=None, max_new_tokens=32, temperature=0.0, top_k=None,
-               eos_id=None, generator=None, static_cache=False):
-        """Yield the next token of every row (B,), one step at a time: prefill the video and prompt
-        once into the KV cache, then run one position per generated token. static_cache: True (or a
-        StaticKVCache to reuse, with room for the prompt and the new tokens) preallocates the cache."""
+               eos_id=None, generator=None, cache=None):
+        """Yield the next token of every row (B,), one step at a time: the video and the prompt go
+        through the decoder once (the prefill), filling the KV cache; then one position per new token.
+        cache: a KVCache to reuse, with room for the prompt and the new tokens; None makes one."""
         x, _, seq_len = self.embed_inputs(videos, input_ids, lengths=lengths)
         B, L, _ = x.shape
         if L + max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(f"prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the context "
+            raise ValueError(f"a prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the context "
                              f"max_seq_len={self.cfg.max_seq_len}; lower max_new_tokens")
-        static = StaticKVCache(self.cfg, B, L + max_new_tokens, x.dtype, x.device) if static_cache is True \
-            else static_cache
-        if static and static.k[0].shape[2] < L + max_new_tokens:
-            raise ValueError(f"the static cache has {static.k[0].shape[2]} slots; this needs {L + max_new_tokens}")
-        cache = static or KVCache(self.cfg.n_layers)
-        slots = torch.arange(static.k[0].shape[2] if static else L + max_new_tokens, device=x.device)
-        cache.slots = slots[:L]  # where a static cache writes (the plain one appends)
-        h = self.decoder(x, slots[None, :L], cache=cache)
+        cache = KVCache(self.cfg, B, L + max_new_tokens, x.dtype, x.device) if cache is None else cache
+        if len(cache) < L + max_new_tokens:
+            raise ValueError(f"the KV cache has {len(cache)} slots; this needs {L + max_new_tokens}")
+        slots = torch.arange(len(cache), device=x.device)
+        h = self.decoder(x, slots[None, :L], cache=cache, slots=slots[:L])
         logits = self.decoder.lm_head(h[torch.arange(B), seq_len - 1])
-        # Rows are right-padded to L, so new tokens of shorter rows sit after a gap of padding
-        # in the cache: the mask hides that gap and positions continue from each row's length.
+        # Rows are right-padded to L, so the new tokens of shorter rows sit after a gap of padding in the
+        # cache: the mask hides the gap and the slots not written yet; positions go on from each row's length.
         visible = slots[None] < seq_len[:, None]  # (B, slots)
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         for step in range(max_new_tokens):
@@ -711,23 +679,22 @@ class VideoPanda(nn.Module):
                 done |= token == eos_id
             yield token
             # done.all() waits for the GPU; without an eos_id no row can finish, and skipping the check
-            # lets the next step be queued while this one runs (bench.py: decode tokens/s)
+            # lets the next step be queued while this one runs
             if step == max_new_tokens - 1 or eos_id is not None and done.all():
                 return
             visible[:, L + step] = True  # the new token's slot
-            cache.slots = slots[L + step:L + step + 1]
             emb = self.decoder.embed_tokens(token[:, None]).to(x.dtype)
-            mask = visible if static else visible[:, :L + step + 1]  # the plain cache has no empty slots
-            logits = self.decode_step(emb, (seq_len + step)[:, None], mask[:, None, None, :], cache)
+            logits = self.decode_step(emb, (seq_len + step)[:, None], visible[:, None, None, :], cache,
+                                      slots[L + step:L + step + 1])
 
-    def decode_step(self, emb, positions, mask, cache):
-        """One new token per row, embedded (B, 1, d) -> next-token logits (B, vocab). A method of its
-        own so that it can be compiled: with a StaticKVCache its shapes are the same at every step."""
-        return self.decoder.lm_head(self.decoder(emb, positions, mask=mask, cache=cache)[:, -1])
+    def decode_step(self, emb, positions, mask, cache, slots):
+        """One new token per row, embedded (B, 1, D) -> next-token logits (B, V). A method of its own so
+        that it can be compiled: its shapes are the same at every step."""
+        return self.decoder.lm_head(self.decoder(emb, positions, mask, cache, slots)[:, -1])
 
 
 def sample_token(logits, temperature=0.0, top_k=None, generator=None):
-    """Greedy when temperature is 0; otherwise sample from softmax(logits / T) over the top k."""
+    """Greedy when temperature is 0; otherwise sample from softmax(logits / temperature) over the top k."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature

@@ -11,13 +11,34 @@ Weights are averaged over heads. FSRA and GSTRA maps are scaled so that their la
 bright; the LSD map is not rescaled. A component switched off (PandaConfig's ablations) shows a dark panel.
 """
 
+from contextlib import contextmanager
+
 import imageio.v3 as iio
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 import data
-from panda import attention_maps
+from panda import QueryAttention
+
+
+@contextmanager
+def attention_probe(model):
+    """Inside `with attention_probe(model) as maps:` every call of a QueryAttention (LSD, FSRA, GSTRA)
+    also records its softmax weights, recomputed from the call's inputs by its plain form:
+    maps[module name] = (N, heads, L) of its last call, e.g. maps["stab.lsd.attn"]. Forward hooks,
+    removed on leaving: the model itself is not changed and pays nothing outside the block."""
+    maps, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, QueryAttention):
+            def record(module, args, output, name=name):
+                maps[name] = module.attention(*args)[0].detach()
+            handles.append(module.register_forward_hook(record))
+    try:
+        yield maps
+    finally:
+        for handle in handles:
+            handle.remove()
 
 PANELS = ("frame", "LSD", "FSRA", "GSTRA")
 GAP, CAPTION = 4, 14  # pixels between panels, and above them for the labels
@@ -37,7 +58,7 @@ def attention_heat_maps(model, video):
     """video (1, T, C, S, S) as the model takes it -> {panel: (T, S, S) float in [0, 1]} for LSD, FSRA
     and GSTRA (missing when switched off), each map enlarged to the frame's pixels."""
     cfg = model.cfg
-    with attention_maps(model) as maps:
+    with attention_probe(model) as maps:
         model.encode_videos(video)
     T, S = video.shape[1], video.shape[-1]
     p, s, k, g = S // cfg.patch_size, cfg.lsd_window, cfg.chunk_frames, cfg.grid  # p x p patches, s x s windows

@@ -45,7 +45,7 @@ def reference_tokens(stab, video):
     for frames in video:  # (T, 3, S, S)
         tokens = []
         for start in range(0, len(frames), k):
-            P = stab.patch_embed(frames[start:start + k]).permute(0, 2, 3, 1)[None]  # (1, k, Hp, Wp, C)
+            P = stab.patch_embed(frames[start:start + k])[None]  # (1, k, p, p, C)
             local = stab.lste(P) if cfg.lste else P
             g = stab.gstra(local.flatten(1, 3))[0] if cfg.gstra else None  # (C,)
             dense = (local + P if cfg.lste else P)[0].permute(0, 3, 1, 2)  # (k, C, Hp, Wp)
@@ -152,7 +152,7 @@ def test_without_fsra_the_fused_token_is_the_chunk_context_alone():
     model = nano(fsra=False)
     stab, cfg = model.stab, model.cfg
     v = clip(cfg, B=1)
-    p = stab.patch_embed(v[0]).permute(0, 2, 3, 1)  # (T, Hp, Wp, C)
+    p = stab.patch_embed(v[0])  # (T, p, p, C)
     chunks = p.reshape(2, 2, *p.shape[1:])  # (T/k, k, Hp, Wp, C)
     g = stab.gstra(stab.lste(chunks).flatten(1, 3))  # (T/k, C)
     fused = stab(v)[0].view(cfg.n_frames, cfg.tokens_per_frame, -1)[:, 0]
@@ -165,7 +165,7 @@ def test_without_lste_and_gstra_the_patch_embeddings_go_straight_to_lsd():
     stab, cfg = model.stab, model.cfg
     assert stab.lste is None and stab.gstra is None
     v = clip(cfg, B=1)
-    x = stab.patch_embed(v[0]).permute(0, 2, 3, 1)  # (T, Hp, Wp, C): added once, not twice
+    x = stab.patch_embed(v[0])  # (T, p, p, C): added once, not twice
     grid = stab.lsd(x)
     tokens = stab(v)[0].view(cfg.n_frames, cfg.tokens_per_frame, -1)
     torch.testing.assert_close(tokens[:, 0], stab.fuse(stab.fsra(grid.flatten(1, 2))))

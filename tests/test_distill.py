@@ -114,7 +114,7 @@ def test_grid_positions_pick_the_lsd_tokens_out_of_the_spliced_sequence(split_to
     x, _, _ = model.embed_inputs(v, ids)
     handle.remove()
     projected = model.projector(grids[0]).view(2, cfg.n_frames, 2, 2, -1)  # (B, T, g, g, d)
-    valid = model.stab.valid_cells(v, 2, 2)
+    valid = model.stab.valid_cells(v, 2)
     pos = grid_positions(cfg, torch.tensor([2, 1]), valid)
     for b, t, r, c in zip(*torch.nonzero(pos >= 0, as_tuple=True)):
         torch.testing.assert_close(x[b, pos[b, t, r, c]], projected[b, t, r, c])

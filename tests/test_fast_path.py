@@ -1,26 +1,18 @@
-"""The speed-ups in panda.py compute the same function as the plain code: pooled attention vs keys and
-values for every token, the patch embedding as a matmul vs the conv, the LSTE on channels-last tokens
-vs its conv modules, its depthwise convs rewritten vs the library kernel, a static KV cache vs
-the growing one."""
+"""The fast forms in panda.py compute the plain forms' function (PandaConfig.fast): the patch embedding
+as a matmul, the LSTE on channels-last tokens, the pooled attention of GSTRA and FSRA; forward and
+gradients, each module and the whole model. And the KV cache: generation through it equals generation
+that recomputes the whole sequence, with a fresh cache or a larger one reused."""
 
-from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import panda
-from panda import VIDEO_PLACEHOLDER, PandaConfig, QueryAttention, StaticKVCache, VideoPanda
+from panda import VIDEO_PLACEHOLDER, KVCache, PandaConfig, QueryAttention, VideoPanda
 
-
-@contextmanager
-def plain_attention():
-    """QueryAttention.fast = False inside the block: keys and values for every token."""
-    QueryAttention.fast = False
-    try:
-        yield
-    finally:
-        QueryAttention.fast = True
+TOLERANCE = 1e-5  # fp32: the two forms add the same products in another order
 
 
 def rel_err(a, b):
@@ -36,25 +28,30 @@ def randomised(module, seed, std=0.3):
     return module
 
 
-@pytest.mark.parametrize("bias,full_width_scale", [(True, False), (False, True)])  # GSTRA; LSD and FSRA
-@pytest.mark.parametrize("masked", [False, True])
-def test_pooled_attention_equals_keys_and_values_for_every_token(bias, full_width_scale, masked):
-    for seed in range(3):
-        torch.manual_seed(seed)
-        attn = randomised(QueryAttention(64, 4, bias=bias, full_width_scale=full_width_scale), seed)
-        query, tokens = torch.randn(6, 64), torch.randn(6, 50, 64)
-        mask = None
-        if masked:
-            mask = torch.rand(6, 50) > 0.4
-            mask[:, seed] = True  # at least one valid key per query
-        fast = attn(query, tokens, mask)
-        with plain_attention():
-            plain = attn(query, tokens, mask)
-        assert rel_err(fast, plain) < 1e-5
+def both(make, seed):
+    """(fast, plain): the same module, fast=True and fast=False, with the same random weights."""
+    fast, plain = randomised(make(True), seed), make(False)
+    plain.load_state_dict(fast.state_dict())
+    return fast, plain
 
+
+def assert_same_function(fast, plain, inputs):
+    """Equal outputs, and equal gradients for the inputs and every parameter."""
+    inputs = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+    out_fast, out_plain = fast(*inputs), plain(*inputs)
+    out_fast, out_plain = (o[0] if isinstance(o, tuple) else o for o in (out_fast, out_plain))
+    assert rel_err(out_fast, out_plain) < TOLERANCE
+    g = torch.randn_like(out_plain)
+    wrt = lambda m: [x for x in inputs if x.requires_grad] + list(m.parameters())
+    for a, b in zip(torch.autograd.grad(out_fast, wrt(fast), g, allow_unused=True),
+                    torch.autograd.grad(out_plain, wrt(plain), g, allow_unused=True)):
+        assert (a is None) == (b is None) and (a is None or rel_err(a, b) < TOLERANCE)
+
+
+# --------------------------------------------------------------------------- attention
 
 def sdpa_reference(attn, query, tokens, key_mask=None):
-    """The released formula, through F.scaled_dot_product_attention: a key and a value per token."""
+    """The release's formula through F.scaled_dot_product_attention: a key and a value for every token."""
     N, L, C = tokens.shape
     h = attn.heads
     q = attn.q(query).view(N, h, 1, C // h)
@@ -63,112 +60,76 @@ def sdpa_reference(attn, query, tokens, key_mask=None):
     return query + attn.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale).reshape(N, C))
 
 
-@pytest.mark.parametrize("L", [4, 50])  # LSD's window (plain path), more tokens than heads (pooled path)
-@pytest.mark.parametrize("fast", [True, False])
-def test_both_paths_equal_scaled_dot_product_attention(L, fast):
-    torch.manual_seed(L)
-    attn = randomised(QueryAttention(64, 8, bias=True, full_width_scale=L == 4), L)
-    query, tokens = torch.randn(5, 64), torch.randn(5, L, 64)
-    mask = torch.rand(5, L) > 0.3
-    mask[:, 0] = True
-    with nullcontext() if fast else plain_attention():
-        for key_mask in (None, mask):
-            assert rel_err(attn(query, tokens, key_mask), sdpa_reference(attn, query, tokens, key_mask)) < 1e-5
+@pytest.mark.parametrize("bias,full_width_scale", [(True, False), (False, True)])  # GSTRA; LSD and FSRA
+@pytest.mark.parametrize("masked", [False, True])
+def test_pooled_attention_is_the_plain_attention(bias, full_width_scale, masked):
+    for seed in range(3):
+        fast, plain = both(lambda f: QueryAttention(64, 4, bias, full_width_scale, fast=f), seed)
+        g = torch.Generator().manual_seed(seed)
+        query, tokens = torch.randn(6, 64, generator=g), torch.randn(6, 50, 64, generator=g)
+        mask = None
+        if masked:
+            mask = torch.rand(6, 50, generator=g) > 0.4
+            mask[:, seed] = True  # at least one valid key per query
+        assert_same_function(fast, plain, [query, tokens] + ([mask] if masked else []))
+        assert rel_err(plain(query, tokens, mask), sdpa_reference(plain, query, tokens, mask)) < TOLERANCE
 
 
-def test_pooled_attention_gradients_equal_the_plain_ones():
-    torch.manual_seed(0)
-    attn = randomised(QueryAttention(32, 2, bias=True, full_width_scale=False), 0)
-    query, tokens = torch.randn(3, 32, requires_grad=True), torch.randn(3, 40, 32, requires_grad=True)
-    grads = []
-    for plain in (False, True):
-        attn.zero_grad()
-        query.grad = tokens.grad = None
-        with plain_attention() if plain else nullcontext():
-            attn(query, tokens).pow(2).sum().backward()
-        grads.append([query.grad.clone(), tokens.grad.clone()] + [p.grad.clone() for p in attn.parameters()])
-    for fast_g, plain_g in zip(*grads):
-        assert rel_err(fast_g, plain_g) < 1e-5
-
-
-def test_few_tokens_keep_the_plain_path():
-    """LSD's 2x2 windows have fewer tokens than heads: the rewrite would do more work there."""
+def test_few_tokens_keep_the_plain_form():
+    """LSD's 2x2 windows have fewer tokens than heads: there the rewrite would do more work, not less."""
     attn = QueryAttention(32, 8)
     calls = []
-    attn.pooled_attention = lambda *a: calls.append(a)
+    attn.pooled = lambda *a: calls.append(a)
     attn(torch.randn(2, 32), torch.randn(2, 4, 32))
     assert calls == []
 
 
-def paper_geometry_model(seed=0):
-    """The paper's frames (8 x 448 px, patch 14, LSD 2, chunks of 4) with narrow widths."""
-    torch.manual_seed(seed)
-    cfg = PandaConfig.preset("paper", stab_dim=16, stab_heads=2, d_model=16, n_layers=1, n_heads=2,
-                             n_kv_heads=2, ffn_dim=32, vocab_size=50)
-    model = VideoPanda(cfg).eval()
-    randomised(model.stab, seed, std=0.2)
-    return model
+# --------------------------------------------------------------------------- the STAB's modules
 
-
-@pytest.mark.parametrize("letterbox", [False, True])
-def test_stab_fast_paths_equal_the_plain_stab(letterbox):
-    model = paper_geometry_model()
-    g = torch.Generator().manual_seed(1)
-    video = torch.randn(2, 8, 3, 448, 448, generator=g)
-    if letterbox:  # a 16:9-like box: FSRA's key mask is in play
-        mask = torch.zeros(448, 448)
-        mask[56:392, :] = 1
-        video = torch.cat([video, mask.expand(2, 8, 1, 448, 448)], 2)
-    with torch.no_grad():
-        fast, n_fast = model.stab(video)
-        with plain_attention():
-            plain, n_plain = model.stab(video)
-    assert torch.equal(n_fast, n_plain) and fast.shape == plain.shape
-    assert rel_err(fast, plain) < 1e-5
-
-
-def test_patch_embedding_matmul_equals_the_conv():
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(3, 24, 14, 14, bias=False)
-    frames = torch.randn(5, 3, 56, 56)
-    assert rel_err(panda.patch_embed(conv, frames), conv(frames).permute(0, 2, 3, 1)) < 1e-6
-
-
-def lste_reference(lste, x):  # (N, C, k, h, w) -> same: the release's LSTE, its conv modules channels first
-    x = x + lste.expand(lste.temporal(lste.reduce(lste.norm(x))))
-    return x + lste.dpe(x)
+def test_patch_embedding_matmul_is_the_conv():
+    cfg = PandaConfig.preset("nano", stab_dim=24, patch_size=14, image_size=56)
+    fast, plain = both(lambda f: panda.PatchEmbed(replace(cfg, fast=f)), 0)
+    assert_same_function(fast, plain, [torch.randn(5, 3, 56, 56)])
+    assert rel_err(plain(torch.ones(1, 3, 56, 56)), F.conv2d(torch.ones(1, 3, 56, 56), plain.weight, stride=14)
+                   .permute(0, 2, 3, 1)) < TOLERANCE  # plain is the release's Conv2d, channels last
 
 
 @pytest.mark.parametrize("training", [False, True])  # BatchNorm with running or batch statistics
-def test_lste_on_channels_last_tokens_equals_the_conv_modules(training):
-    torch.manual_seed(0)
-    lste = randomised(panda.LSTE(PandaConfig.preset("nano", stab_dim=24)), 0).train(training)
-    lste.norm.running_var.uniform_(0.5, 2)  # randomised() touched parameters only
-    x = torch.randn(3, 24, 4, 5, 7, requires_grad=True)  # (N, C, k, h, w); LSTE takes it channels last
-    fast = lste(x.permute(0, 2, 3, 4, 1))
-    plain = lste_reference(lste, x).permute(0, 2, 3, 4, 1)
-    assert rel_err(fast, plain) < 1e-5
-    g = torch.randn_like(plain)
-    params = list(lste.parameters())
-    for a, b in zip(torch.autograd.grad(fast, [x] + params, g), torch.autograd.grad(plain, [x] + params, g)):
-        assert rel_err(a, b) < 1e-5
+def test_lste_on_channels_last_tokens_is_the_conv3d_modules(training):
+    cfg = PandaConfig.preset("nano", stab_dim=24)
+    fast, plain = both(lambda f: panda.LSTE(replace(cfg, fast=f)), 0)
+    for m in (fast, plain):
+        m.norm.running_var.fill_(1.7)  # randomised() touched parameters only
+        m.train(training)
+    x = torch.randn(3, 4, 5, 7, 24)  # (N, k, h, w, C): odd sizes, so rows and columns cannot be confused
+    assert_same_function(fast, plain, [x])
 
 
-@pytest.mark.parametrize("which", ["temporal", "dpe"])
-def test_depthwise_convs_on_channels_last_tokens_equal_the_library_kernel(which):
-    torch.manual_seed(0)
-    conv = torch.nn.Conv3d(6, 6, (3, 1, 1), padding=(1, 0, 0), groups=6) if which == "temporal" else \
-        torch.nn.Conv3d(6, 6, 3, padding=1, groups=6)
-    randomised(conv, 0)
-    x = torch.randn(2, 4, 5, 7, 6, requires_grad=True)  # (N, k, h, w, c): channels last
-    fast = (panda.temporal_conv if which == "temporal" else panda.dpe_conv)(conv, x)
-    library = conv(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
-    assert rel_err(fast, library) < 1e-6
-    g = torch.randn_like(library)
-    for a, b in zip(torch.autograd.grad(fast, [x, conv.weight, conv.bias], g),
-                    torch.autograd.grad(library, [x, conv.weight, conv.bias], g)):
-        assert rel_err(a, b) < 1e-5
+# --------------------------------------------------------------------------- the whole model
 
+def paper_geometry(fast, seed=0):
+    """The paper's frames (8 x 448 px, patch 14, LSD 2, chunks of 4) with narrow widths."""
+    torch.manual_seed(seed)
+    cfg = PandaConfig.preset("paper", stab_dim=16, stab_heads=2, d_model=16, n_layers=1, n_heads=2,
+                             n_kv_heads=2, ffn_dim=32, vocab_size=50, stab_dropout=0.0, fast=fast)
+    return VideoPanda(cfg)
+
+
+@pytest.mark.parametrize("letterbox", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_the_fast_stab_is_the_plain_stab(letterbox, training):
+    fast, plain = both(lambda f: paper_geometry(f).stab.train(training), 0)
+    g = torch.Generator().manual_seed(1)
+    video = torch.randn(2, 8, 3, 448, 448, generator=g)
+    if letterbox:  # a 16:9-like box: FSRA's key mask is in play, and the tokens are packed
+        mask = torch.zeros(448, 448)
+        mask[56:392, :] = 1
+        video = torch.cat([video, mask.expand(2, 8, 1, 448, 448)], 2)
+    assert torch.equal(fast(video)[1], plain(video)[1])
+    assert_same_function(fast, plain, [video])
+
+
+# --------------------------------------------------------------------------- the KV cache
 
 def nano_model_and_prompts():
     torch.manual_seed(0)
@@ -181,38 +142,29 @@ def nano_model_and_prompts():
     return model, videos, ids, torch.tensor([9, 5, 7])  # right-padded rows of different lengths
 
 
-def test_static_cache_generation_equals_the_plain_cache():
+def test_each_decode_step_gives_the_logits_of_the_whole_sequence():
+    """Every step's logits through the cache equal a forward pass over the prompt and the tokens so
+    far (which has no cache), for rows of different lengths in one batch."""
     model, videos, ids, lengths = nano_model_and_prompts()
-    plain = model.generate(videos, ids, lengths, max_new_tokens=12)
-    static = model.generate(videos, ids, lengths, max_new_tokens=12, static_cache=True)
-    assert torch.equal(plain, static)
-    # A preallocated cache, larger than needed, reused across calls (how a compiled decoder uses it).
-    cache = StaticKVCache(model.cfg, 3, 150, torch.float32, "cpu")
-    for _ in range(2):
-        assert torch.equal(model.generate(videos, ids, lengths, max_new_tokens=12, static_cache=cache), plain)
+    steps, original = [], model.decode_step
+    model.decode_step = lambda *a: steps.append(original(*a)) or steps[-1]
+    new = model.generate(videos, ids, lengths, max_new_tokens=5)
+    for row, n in enumerate(lengths.tolist()):
+        for step in range(1, 5):
+            seq = torch.cat([ids[row:row + 1, :n], new[row:row + 1, :step]], 1)
+            whole = model(videos[row:row + 1], seq)[0, -1]
+            assert rel_err(steps[step - 1][row], whole) < TOLERANCE, (row, step)
 
 
-def test_static_cache_logits_match_and_sampling_and_eos_work():
+def test_a_larger_cache_reused_gives_the_same_tokens_and_a_small_one_is_an_error():
     model, videos, ids, lengths = nano_model_and_prompts()
-    steps = {}
-    for static in (False, True):
-        model_steps = []
-        original = model.decode_step
-        model.decode_step = lambda *a: model_steps.append(original(*a)) or model_steps[-1]
-        list(model.stream(videos, ids, lengths, max_new_tokens=6, static_cache=static))
-        del model.decode_step
-        steps[static] = torch.stack(model_steps)
-    assert rel_err(steps[True], steps[False]) < 1e-5
+    fresh = model.generate(videos, ids, lengths, max_new_tokens=12)
+    cache = KVCache(model.cfg, 3, 150, torch.float32, "cpu")  # as a compiled decoder keeps one
+    for _ in range(2):  # the second call finds the first call's keys in the buffers: they must not matter
+        assert torch.equal(model.generate(videos, ids, lengths, max_new_tokens=12, cache=cache), fresh)
     kw = dict(max_new_tokens=10, temperature=1.0, top_k=5)
     a = model.generate(videos, ids, lengths, generator=torch.Generator().manual_seed(3), **kw)
-    b = model.generate(videos, ids, lengths, generator=torch.Generator().manual_seed(3), static_cache=True, **kw)
+    b = model.generate(videos, ids, lengths, generator=torch.Generator().manual_seed(3), cache=cache, **kw)
     assert torch.equal(a, b)
-    eos = int(a[0, 2])
-    assert torch.equal(model.generate(videos, ids, lengths, max_new_tokens=10, eos_id=eos),
-                       model.generate(videos, ids, lengths, max_new_tokens=10, eos_id=eos, static_cache=True))
-
-
-def test_a_static_cache_too_small_is_an_error():
-    model, videos, ids, lengths = nano_model_and_prompts()
-    with pytest.raises(ValueError, match="static cache"):
-        model.generate(videos, ids, lengths, max_new_tokens=12, static_cache=StaticKVCache(model.cfg, 3, 20, torch.float32, "cpu"))
+    with pytest.raises(ValueError, match="the KV cache has 20 slots"):
+        model.generate(videos, ids, lengths, max_new_tokens=12, cache=KVCache(model.cfg, 3, 20, torch.float32, "cpu"))

@@ -88,7 +88,7 @@ def test_letterboxed_tokens_equal_a_per_frame_crop_reference():
     tokens, n = stab(v)
 
     # reference: everything up to LSD is per pixel or per chunk, so reuse it; then crop and loop
-    p = stab.patch_embed(v[0, :, :3]).permute(0, 2, 3, 1)  # (8, 32, 32, C)
+    p = stab.patch_embed(v[0, :, :3])  # (8, 32, 32, C)
     C = p.shape[-1]
     chunks = p.reshape(2, 4, 32, 32, C)
     local = stab.lste(chunks)
@@ -180,19 +180,6 @@ def test_loss_only_counts_answer_tokens_and_matches_logits():
 
 
 # --------------------------------------------------------------------------- generation
-
-def test_kv_cache_generation_equals_recomputing_the_whole_sequence():
-    model = nano()
-    v = videos(model.cfg, B=3)
-    ids, lengths = prompts([9, 5, 7], 64)
-    fast = model.generate(v, ids, lengths, max_new_tokens=6)
-    for i, n in enumerate(lengths.tolist()):
-        seq = ids[i:i + 1, :n]
-        for step in range(6):
-            token = model(v[i:i + 1], seq)[0, -1].argmax()
-            assert token == fast[i, step], (i, step)
-            seq = torch.cat([seq, token.view(1, 1)], 1)
-
 
 def test_generation_stops_at_eos_and_pads_finished_rows():
     model = nano()

@@ -73,13 +73,15 @@ def our_logits(model, ids):
 
 def our_greedy(decoder, ids, n):
     """Greedy decoding with panda's KV cache, one position per step, as VideoPanda.stream does."""
-    cache, L = KVCache(decoder.cfg.n_layers), ids.shape[1]
-    h = decoder(decoder.embed_tokens(ids), torch.arange(L)[None], cache=cache)
+    L = ids.shape[1]
+    cache, slots = KVCache(decoder.cfg, 1, L + n, torch.float32, "cpu"), torch.arange(L + n)
+    h = decoder(decoder.embed_tokens(ids), slots[None, :L], cache=cache, slots=slots[:L])
     out = []
     for step in range(n):
         out.append(decoder.lm_head(h[:, -1]).argmax(-1))
-        seen = torch.ones(1, 1, 1, L + step + 1, dtype=torch.bool)
-        h = decoder(decoder.embed_tokens(out[-1][:, None]), torch.tensor([[L + step]]), mask=seen, cache=cache)
+        seen = (slots <= L + step).view(1, 1, 1, -1)  # the prompt and the new tokens so far
+        h = decoder(decoder.embed_tokens(out[-1][:, None]), slots[None, L + step:L + step + 1], mask=seen,
+                    cache=cache, slots=slots[L + step:L + step + 1])
     return torch.stack(out, 1)
 
 

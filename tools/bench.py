@@ -1,14 +1,15 @@
 """How fast is panda? One GPU, one process, one table.
 
-    python bench.py                        # everything, on the GPU: paper preset, bf16
-    python bench.py --only=stab,vit        # some sections: stab, vit, decode, train
-    python bench.py --quick                # fewer sizes and repeats
-    python bench.py --device=cpu --quick   # smoke run with tiny models (what tests/test_bench.py runs)
+    python tools/bench.py                        # everything, on the GPU: paper preset, bf16
+    python tools/bench.py --only=stab,vit        # some sections: stab, vit, decode, train
+    python tools/bench.py --quick=true           # fewer sizes and repeats
+    python tools/bench.py --device=cpu --quick=true  # a smoke run with tiny models (what tests/test_bench.py runs)
 
 Sections
   stab    STAB + projector (the whole visual path) for 1, 4, 16, 64 videos of 8 frames: ms, videos/s,
-          TFLOP/s from the nominal 105.4 GMAC per video of spec F.1, share of the bf16 matmul peak
-          measured in the same run; eager and torch.compile; what each speed-up contributed
+          TFLOP/s from the nominal 105.4 GMAC per video (the paper's Table 3 counts 105.5 G), share of
+          the bf16 matmul peak measured in the same run; eager and torch.compile; the plain forms
+          (PandaConfig.fast=False) beside the fast ones
   vit     a ViT-L/14 image encoder (CLIP-L shape, random weights) on the same 8 frames at 224 and 336 px
   decode  the whole model at batch 1: time to first token (video + 40-token question), tokens/s
   train   training steps/s: the tiny preset, and stage 1 at the paper preset (decoder frozen)
@@ -17,28 +18,42 @@ GPU times are medians of CUDA-event timings after warm-up, with inputs rotated s
 sit in the L2 cache. The tests only check that this runs: timings are never asserted.
 """
 
-import argparse
 import gc
 import json
 import math
 import statistics
 import sys
-from pathlib import Path
 import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, wherever this runs from
+import common  # noqa: E402
 import panda  # noqa: E402
-from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig, QueryAttention, StaticKVCache, VideoPanda  # noqa: E402
+from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, KVCache, PandaConfig, VideoPanda  # noqa: E402
 
 SECTIONS = ("stab", "vit", "decode", "train")
-RUN_ORDER = SECTIONS
-RELEASED_STAB_MS = {1: 18.7, 4: 44.0, 16: 170.0}  # the official STAB + projector (spec, "Measured anchors")
-SPEC_VIT_MS = {224: {1: 9.1, 4: 15.0, 16: 58.2}, 336: {1: 9.3, 4: 33.7, 16: 131.2}}
+RELEASED_STAB_MS = {1: 18.7, 4: 44.0, 16: 170.0}  # the release's STAB + projector, measured on one H100, eager bf16
 TARGETS = dict(stab16_ms=8.5, vit_ratio=5.0, peak_share=0.40, decode_tok_s=150.0, ttft_ms=60.0)
+
+
+@dataclass
+class BenchConfig:
+    device: str = "auto"        # auto: cuda if there is one, else cpu
+    only: str = "stab,vit,decode,train"  # the sections to run, comma-separated
+    quick: bool = False         # fewer sizes and repeats
+    preset: str = "auto"        # auto: paper on a GPU, tiny on a CPU
+    compile: str = "auto"       # auto: also torch.compile on a GPU | true | false
+    profile: bool = True        # print torch.profiler kernel tables (GPU, not quick)
+    budget: float = 1e9         # seconds; optional parts are skipped past it
+    json: str = ""              # write every measurement here
+    log: str = ""               # a copy of the output
+    strict: str = "auto"        # stop at the first error: auto = on a CPU (where the tests run) | true | false
+    summarize: str = ""         # only print the table of a --json file (of a run cut short)
 
 
 # ============================================================================================
@@ -54,6 +69,7 @@ class Ctx:
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.cfg = PandaConfig.preset(args.preset, grad_checkpoint=True)  # checkpointing acts in training only
+        self.bandwidth = None
         self.results = []  # dicts, one per measurement; printed as tables at the end
         self.start = time.time()
         self.logfile = open(args.log, "w") if args.log else None
@@ -250,12 +266,8 @@ def make_videos(ctx, cfg, B, channels, seed, dtype=None):
     return v
 
 
-def compile_fn(ctx, fn, **kw):
-    return torch.compile(fn, **kw) if ctx.args.compile else None
-
-
 # ============================================================================================
-# Multiply-adds, counted as spec F.1 counts them
+# Multiply-adds, counted as fvcore counts them (the paper's Table 3: 105.5 G for the STAB + projector)
 # ============================================================================================
 
 def tflops(macs, ms):
@@ -266,8 +278,8 @@ def tflops(macs, ms):
 
 def stab_macs(cfg, pooled=False):
     """Multiply-adds of STAB + projector for one square video: ~105.4 G at the paper preset, the
-    nominal count used for every TFLOP/s in this file. pooled=True counts what the pooled-attention
-    rewrite (QueryAttention.pooled_attention) executes instead: the same function, fewer MACs."""
+    nominal count used for every TFLOP/s in this file. pooled=True counts what the pooled attention
+    (QueryAttention.pooled, the fast form) executes instead: the same function, fewer MACs."""
     C, Fr, p, h, d = cfg.stab_dim, cfg.n_frames, cfg.patch_size, cfg.stab_heads, cfg.d_model
     r = int(C // cfg.lste_reduction)
     n = (cfg.image_size // p) ** 2  # patches per frame
@@ -300,8 +312,8 @@ def vit_macs(width, layers, mlp, patch, image):
 
 def module_times(ctx, model, video, repeats=5):
     """GPU ms per STAB module inside one eager forward (events recorded by forward hooks)."""
-    names = ["lste", "gstra", "lsd", "fsra", "fuse"]  # the patch embedding is a function: in "other"
-    mods = {n: getattr(model.stab, n) for n in names} | {"projector": model.projector}
+    names = ["patch_embed", "lste", "gstra", "lsd", "fsra", "fuse"]
+    mods = {n: getattr(model.stab, n) for n in names if getattr(model.stab, n) is not None} | {"projector": model.projector}
     spans = {n: [] for n in mods}
     hooks = []
     for n, m in mods.items():
@@ -317,64 +329,34 @@ def module_times(ctx, model, video, repeats=5):
         h.remove()
     out = {n: statistics.median(c.ms() for c in s[1:]) for n, s in spans.items()}
     out["total"] = statistics.median(c.ms() for c in totals[1:])
-    out["other (patch embedding, layout, glue)"] = out["total"] - sum(out[n] for n in mods)
+    out["other (layout, glue)"] = out["total"] - sum(out[n] for n in mods)
     return out
 
 
-def op_table(ctx, cfg, B):
-    """The STAB's non-matmul-shaped ops alone, on the layouts the STAB uses (tokens channels last): the
-    patch embedding as cuDNN's conv vs one matmul, the LSTE's parts (its 3x3x3 conv as the library kernel,
-    channels first, and as panda.dpe_conv), eager and compiled, and the whole LSTE."""
-    C, r = cfg.stab_dim, int(cfg.stab_dim // cfg.lste_reduction)
-    k, side = cfg.chunk_frames, cfg.image_size // cfg.patch_size
-    N = B * cfg.n_frames // k
-    stab, lste = ctx.model.stab, ctx.model.stab.lste
-    x = torch.randn(N, k, side, side, C, device=ctx.device, dtype=ctx.dtype)
-    xr = torch.randn(N, k, side, side, r, device=ctx.device, dtype=ctx.dtype)
-    x_first = x.permute(0, 4, 1, 2, 3).contiguous()  # (N, C, k, side, side) for the library kernel
-    frames = torch.randn(B * cfg.n_frames, 3, cfg.image_size, cfg.image_size, device=ctx.device, dtype=ctx.dtype)
-    ops = {
-        "patch embedding, cuDNN conv": (stab.patch_embed, frames),
-        "patch embedding, one matmul (panda.patch_embed)": (lambda f: panda.patch_embed(stab.patch_embed, f), frames),
-        "BatchNorm3d (eval), channels-last view": (lambda t: lste.norm(t.permute(0, 4, 1, 2, 3)), x),
-        "1x1x1 conv C->r as a matmul": (lambda t: F.linear(t, lste.reduce.weight.flatten(1), lste.reduce.bias), x),
-        "1x1x1 conv r->C as a matmul": (lambda t: F.linear(t, lste.expand.weight.flatten(1), lste.expand.bias), xr),
-        "temporal dw conv, shifted products, eager": (lambda t: panda.temporal_conv(lste.temporal, t), xr),
-        "dpe 3x3x3 dw conv, library kernel (channels first)": (lste.dpe, x_first),
-        "dpe as three 2D dw convs (panda.dpe_conv), eager": (lambda t: panda.dpe_conv(lste.dpe, t), x),
-        "LSTE, eager": (lste, x),
-    }
-    if ctx.compile_ok():
-        ops["temporal dw conv, shifted products, compiled"] = (
-            torch.compile(lambda t: panda.temporal_conv(lste.temporal, t), dynamic=False), xr)
-        ops["dpe as three 2D dw convs, compiled"] = (
-            torch.compile(lambda t: panda.dpe_conv(lste.dpe, t), dynamic=False), x)
-        ops["LSTE, compiled"] = (torch.compile(lste, dynamic=False), x)
-    for name, (fn, inp) in ops.items():
-        try:
-            ms = measure(ctx, fn, [(inp,)], 3, 10)
-            ctx.add(section="ops", name=name, batch=B, ms=ms)
-        except Exception as e:
-            ctx.log(f"  op {name} failed: {type(e).__name__}: {str(e)[:200]}")
-    del x, xr, x_first, frames
-    free_memory()
+def plain_copy(ctx, model):
+    """A VideoPanda with the same STAB and projector weights whose modules run their plain forms."""
+    with torch.device("meta"):
+        plain = VideoPanda(replace(ctx.cfg, fast=False))
+    for part in ("stab", "projector"):
+        materialize(getattr(plain, part), ctx.device, ctx.dtype).load_state_dict(getattr(model, part).state_dict())
+    return plain.eval()
 
 
 def bench_stab(ctx):
     cfg, a = ctx.cfg, ctx.args
     model = shared_model(ctx)
     nominal, executed = stab_macs(cfg), stab_macs(cfg, pooled=True)
-    ctx.log(f"\n[stab] preset {a.preset}: {nominal / 1e9:.1f} GMAC per video nominal (spec F.1: 105.4), "
-            f"{executed / 1e9:.1f} executed with the pooled-attention rewrite")
+    ctx.log(f"\n[stab] preset {a.preset}: {nominal / 1e9:.1f} GMAC per video nominal (Table 3: 105.5), "
+            f"{executed / 1e9:.1f} executed with the pooled attention")
     batches = ([1, 2] if not ctx.cuda else [1, 16]) if a.quick else [1, 4, 16, 64]
     main_b = 16 if 16 in batches else batches[-1]
     if ctx.compile_ok():
         ctx.encode_compiled = torch.compile(model.encode_videos, dynamic=False)
 
-    def row(name, B, ch, ms, macs=nominal, **extra):
-        achieved = tflops(B * macs, ms)
+    def row(name, B, ch, ms, **extra):
+        achieved = tflops(B * nominal, ms)
         ctx.add(section="stab", name=name, batch=B, channels=ch, ms=ms, videos_s=1e3 * B / ms,
-                tflops_nominal=tflops(B * nominal, ms), tflops_executed=tflops(B * executed, ms),
+                tflops_nominal=achieved, tflops_executed=tflops(B * executed, ms),
                 peak_share=achieved / ctx.peak_tflops if ctx.peak_tflops else None, **extra)
 
     with torch.no_grad():
@@ -394,36 +376,30 @@ def bench_stab(ctx):
                 del inputs
                 free_memory()
 
-        # What the attention rewrite bought, at the main batch: plain vs pooled attention.
+        # What the fast forms buy, at the main batch: the plain forms (fast=False) on the same weights.
         video = make_videos(ctx, cfg, main_b, 3, 0)
         w, r = ctx.warmup_repeats()
-        for fast in (False, True):
-            QueryAttention.fast = fast
-            name = f"eager, {'pooled' if fast else 'plain'} attention"
+        plain = plain_copy(ctx, model)
+        for name, m in (("eager, plain forms", plain), ("eager", model)):
             try:
-                row(name, main_b, 3, measure(ctx, model.encode_videos, [(video,)], w, r), variant=True)
+                if name != "eager":
+                    row(name, main_b, 3, measure(ctx, m.encode_videos, [(video,)], w, r), variant=True)
                 if not a.quick:
-                    ctx.add(section="stab_modules", name=name, batch=main_b, **module_times(ctx, model, video))
+                    ctx.add(section="stab_modules", name=name, batch=main_b, **module_times(ctx, m, video))
             except Exception as e:
                 failed(ctx, name, e)
-        if ctx.encode_compiled is not None and not a.quick and ctx.time_left() > 0.75 * a.budget:
-            QueryAttention.fast = False
+        if ctx.compile_ok() and not a.quick and ctx.time_left() > 0.75 * a.budget:
             try:
-                row("compiled, plain attention", main_b, 3, measure(ctx, ctx.encode_compiled, [(video,)], w, r),
-                    variant=True)
+                row("compiled, plain forms", main_b, 3,
+                    measure(ctx, torch.compile(plain.encode_videos, dynamic=False), [(video,)], w, r), variant=True)
             except Exception as e:
-                failed(ctx, "compiled, plain attention", e)
-        QueryAttention.fast = True
-
+                failed(ctx, "compiled, plain forms", e)
         if not a.quick:
-            op_table(ctx, cfg, main_b)
-            QueryAttention.fast = False
-            profile(ctx, f"STAB + projector, eager, plain attention, {main_b} videos", model.encode_videos, (video,))
-            QueryAttention.fast = True
-            profile(ctx, f"STAB + projector, eager default, {main_b} videos", model.encode_videos, (video,))
+            profile(ctx, f"STAB + projector, eager, plain forms, {main_b} videos", plain.encode_videos, (video,))
+            profile(ctx, f"STAB + projector, eager, {main_b} videos", model.encode_videos, (video,))
             if ctx.encode_compiled is not None:
                 profile(ctx, f"STAB + projector, compiled, {main_b} videos", ctx.encode_compiled, (video,))
-    del video
+    del video, plain
     free_memory()
 
 
@@ -541,9 +517,9 @@ def bench_vit(ctx):
 # 3. Decoding: time to first token and tokens per second, batch 1
 # ============================================================================================
 
-def decode_run(ctx, model, video, ids, n_new, static_cache):
+def decode_run(ctx, model, video, ids, n_new, cache):
     """One stream(): ms to the first token, then tokens/s for the other n_new - 1."""
-    gen = model.stream(video, ids, max_new_tokens=n_new, static_cache=static_cache)
+    gen = model.stream(video, ids, max_new_tokens=n_new, cache=cache)
     first, rest = Clock(ctx.cuda).start(), None
     next(gen)
     first.stop()
@@ -554,10 +530,10 @@ def decode_run(ctx, model, video, ids, n_new, static_cache):
     return first.ms(), (n - 1) / (rest.ms() / 1e3) if n > 1 else float("nan")
 
 
-def decode_variant(ctx, name, model, video, ids, n_new, static_cache, runs, warmup, **extra):
+def decode_variant(ctx, name, model, video, ids, n_new, cache, runs, warmup, **extra):
     for _ in range(warmup):
-        decode_run(ctx, model, video, ids, n_new, static_cache)
-    got = [decode_run(ctx, model, video, ids, n_new, static_cache) for _ in range(runs)]
+        decode_run(ctx, model, video, ids, n_new, cache)
+    got = [decode_run(ctx, model, video, ids, n_new, cache) for _ in range(runs)]
     ttft, tok_s = statistics.median(g[0] for g in got), statistics.median(g[1] for g in got)
     ctx.add(section="decode", name=name, ttft_ms=ttft, tok_s=tok_s, new_tokens=n_new, **extra)
 
@@ -584,27 +560,25 @@ def bench_decode(ctx):
             + (f": at the measured copy rate, <= {bound:.0f} tokens/s" if bound else ""))
     extra = dict(prompt_tokens=L, hbm_bound_tok_s=bound)
     with torch.no_grad():
-        decode_variant(ctx, "eager, plain KVCache", model, video, ids, n_new, False, runs, 1, **extra)
+        decode_variant(ctx, "eager", model, video, ids, n_new, None, runs, 1, **extra)
         if not a.quick:
             profile(ctx, "time to first token (eager): STAB + projector + prefill",
                     lambda: next(model.stream(video, ids, max_new_tokens=1)), (), steps=2)
         if ctx.compile_ok() and ctx.time_left() > 100:
             # gpt-fast's recipe: one preallocated cache (static addresses, so CUDA graphs may write
             # into it), the decode step compiled whole and replayed as a CUDA graph.
-            cache = StaticKVCache(cfg, 1, L + n_new, ctx.dtype, ctx.device)
-            for t in cache.k + cache.v:
-                torch._dynamo.mark_static_address(t)
+            cache = KVCache(cfg, 1, L + n_new, ctx.dtype, ctx.device)
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
             # gpt-fast also lets inductor tune its own kernels for the batch-1 matrix-vector products.
             torch._inductor.config.coordinate_descent_tuning = True
             for mode in ("reduce-overhead", "default"):
                 try:
                     model.decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
-                    decode_variant(ctx, f"compiled ({mode}), StaticKVCache", model, video, ids, n_new, cache,
-                                   runs, 2, **extra)
+                    decode_variant(ctx, f"compiled ({mode})", model, video, ids, n_new, cache, runs, 2, **extra)
                     if not a.quick:
                         profile(ctx, f"decode steps, compiled ({mode})",
-                                lambda: list(model.stream(video, ids, max_new_tokens=4, static_cache=cache)), (),
-                                steps=1)
+                                lambda: list(model.stream(video, ids, max_new_tokens=4, cache=cache)), (), steps=1)
                     break
                 except Exception as e:
                     if ctx.time_left() < 90:
@@ -614,8 +588,6 @@ def bench_decode(ctx):
                     del model.decode_step  # back to the plain method
             torch._inductor.config.coordinate_descent_tuning = False
             del cache
-        if ctx.time_left() > 40:
-            decode_variant(ctx, "eager, StaticKVCache", model, video, ids, n_new, True, runs, 1, **extra)
 
         if ctx.compile_ok() and ctx.time_left() > 40:
             # Time to first token with the STAB compiled and each decoder block compiled (regional
@@ -747,8 +719,8 @@ def summary(ctx):
     stab = [r for r in R if r["section"] == "stab"]
     if stab:
         out.append(f"\n[1] STAB + projector, {ctx.cfg.n_frames} frames x {ctx.cfg.image_size} px "
-                   f"(TFLOP/s from the nominal {stab_macs(ctx.cfg) / 1e9:.1f} GMAC/video of spec F.1; the "
-                   f"pooled-attention rewrite executes {stab_macs(ctx.cfg, True) / 1e9:.1f})")
+                   f"(TFLOP/s from the nominal {stab_macs(ctx.cfg) / 1e9:.1f} GMAC/video; the pooled attention "
+                   f"executes {stab_macs(ctx.cfg, True) / 1e9:.1f})")
         out.append(f"  {'variant':<48} {'videos':>6} {'ch':>3} {'ms':>8} {'videos/s':>9} {'TFLOP/s':>8} "
                    f"{'%peak':>6} {'vs released':>11}")
         for r in sorted(stab, key=lambda r: (r.get("variant", False), r["batch"], r["channels"], r["name"])):
@@ -768,13 +740,12 @@ def summary(ctx):
         out.append("\n[2] ViT-L/14 image encoder on the same frames (CLIP-L shape, random weights); "
                    "ratio = ViT ms / our STAB + projector ms (3 channels) at the same batch")
         out.append(f"  {'encoder':<22} {'Mparams':>7} {'videos':>6} {'ms':>8} {'videos/s':>9} {'TFLOP/s':>8} "
-                   f"{'spec ms':>8} {'/ours eager':>11} {'/ours compiled':>14}")
+                   f"{'/ours eager':>11} {'/ours compiled':>14}")
         ours = {(r["batch"], r["name"]): r["ms"] for r in stab if r["channels"] == 3 and not r.get("variant")}
         for r in vit:
             e, c = ours.get((r["batch"], "eager")), ours.get((r["batch"], "compiled"))
-            spec = SPEC_VIT_MS.get(r["image"], {}).get(r["batch"]) if ctx.args.preset == "paper" else None
             out.append(f"  {r['name']:<22} {r['params_m']:>7.0f} {r['batch']:>6} {r['ms']:>8.2f} {r['videos_s']:>9.0f} "
-                       f"{r['tflops']:>8.0f} {fmt(spec):>8} {fmt(e and r['ms'] / e, '.1f'):>11} "
+                       f"{r['tflops']:>8.0f} {fmt(e and r['ms'] / e, '.1f'):>11} "
                        f"{fmt(c and r['ms'] / c, '.1f'):>14}")
     dec = [r for r in R if r["section"] == "decode"]
     if dec:
@@ -828,35 +799,24 @@ def targets(ctx):
 # ============================================================================================
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated: " + ",".join(SECTIONS))
-    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    p.add_argument("--preset", default=None, help="paper (default on a GPU) or tiny (default on a CPU)")
-    p.add_argument("--compile", type=int, default=None, help="1: also torch.compile (default on a GPU)")
-    p.add_argument("--profile", type=int, default=1, help="print torch.profiler kernel tables (GPU, not --quick)")
-    p.add_argument("--cudnn-benchmark", type=int, default=1, help="let cuDNN pick its fastest algorithms")
-    p.add_argument("--budget", type=float, default=1e9, help="seconds; optional parts are skipped past it")
-    p.add_argument("--json", default=None, help="write every measurement here")
-    p.add_argument("--log", default=None, help="copy of the output")
-    p.add_argument("--strict", type=int, default=None, help="1: stop at the first error (default on a CPU)")
-    p.add_argument("--summarize", default=None, help="only print the table of a --json file (from a cut run)")
-    a = p.parse_args(argv)
+    (changes,) = common.parse_args(argv, __doc__, BenchConfig)
+    a = replace(BenchConfig(), **changes)
+    a.device = a.device if a.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     cuda = a.device.startswith("cuda")
-    a.preset = a.preset or ("paper" if cuda else "tiny")
-    a.compile = bool(cuda if a.compile is None else a.compile)
-    a.strict = bool(not cuda if a.strict is None else a.strict)
+    a.preset = a.preset if a.preset != "auto" else "paper" if cuda else "tiny"
+    a.compile = cuda if a.compile == "auto" else common.parse_value(a.compile, bool, "compile")
+    a.strict = not cuda if a.strict == "auto" else common.parse_value(a.strict, bool, "strict")
     a.only = [s.strip() for s in a.only.split(",") if s.strip()]
     unknown = set(a.only) - set(SECTIONS)
     if unknown:
-        p.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+        raise ValueError(f"--only: unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     return a
 
 
 def write_json(ctx):
     if ctx.args.json:
         with open(ctx.args.json, "w") as f:
-            json.dump({"device": ctx.device_name, "torch": torch.__version__, "args": vars(ctx.args),
+            json.dump({"device": ctx.device_name, "torch": torch.__version__, "args": asdict(ctx.args),
                        "results": ctx.results}, f, indent=1, default=str)
 
 
@@ -864,9 +824,8 @@ def summarize(path):
     """The table of a --json file, e.g. of a run cut short by a time limit."""
     with open(path) as f:
         saved = json.load(f)
-    a = argparse.Namespace(**saved["args"])
-    a.log = a.json = None
-    ctx = Ctx(argparse.Namespace(**{**vars(a), "device": "cpu"}))
+    a = BenchConfig(**{**saved["args"], "log": "", "json": ""})
+    ctx = Ctx(replace(a, device="cpu"))
     ctx.cuda, ctx.device_name, ctx.results = a.device.startswith("cuda"), saved["device"], saved["results"]
     ctx.dtype = torch.bfloat16 if ctx.cuda else torch.float32
     print(summary(ctx))
@@ -878,7 +837,7 @@ def main(argv=None):
         return summarize(a.summarize)
     ctx = Ctx(a)
     ctx.compile_ok = lambda: a.compile and ctx.time_left() > 60
-    torch.backends.cudnn.benchmark = bool(a.cudnn_benchmark)
+    torch.backends.cudnn.benchmark = True  # let cuDNN pick its fastest algorithms for these fixed shapes
     torch._dynamo.config.cache_size_limit = 64
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 64
@@ -889,13 +848,12 @@ def main(argv=None):
                 f"CUDA {torch.version.cuda}")
     peak_and_bandwidth(ctx)
     write_json(ctx)
-    for section in RUN_ORDER:
+    for section in SECTIONS:
         if section in a.only:
             t0 = time.time()
             try:
                 globals()[f"bench_{section}"](ctx)
             except Exception as e:
-                QueryAttention.fast = True
                 failed(ctx, f"section {section}", e)
             ctx.log(f"[{section}] done in {time.time() - t0:.0f} s")
             write_json(ctx)
@@ -904,4 +862,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run(main, sys.argv[1:])
