@@ -1,9 +1,7 @@
-"""Video-Panda in one file: the Spatio-Temporal Alignment Block (STAB), a Llama-family decoder, and
-the model that splices a video's visual tokens into a prompt.
-
-Video-Panda (Yi et al., CVPR 2025, arXiv 2412.18609) is an *encoder-free* video-language model: raw
-frames go through a ~24M-parameter STAB and a ~21M-parameter projector straight into the LLM, with no
-pretrained image encoder. Read top to bottom, the order in which a video flows (paper Sec. 3.1, Fig. 3):
+"""Video-Panda (Yi et al., CVPR 2025, arXiv 2412.18609) in one file, an *encoder-free* video-language model:
+raw frames go through a ~24M-parameter Spatio-Temporal Alignment Block (STAB) and a ~21M-parameter projector
+straight into a Llama-family LLM, with no pretrained image encoder. Read top to bottom, the order in which
+a video flows (the paper's Sec. 3.1, Fig. 3):
 
   PatchEmbed      frames -> patch tokens                                         Eq. 1
   LSTE            local spatio-temporal convolutions on chunks of k frames      Eq. 2-3
@@ -16,18 +14,16 @@ pretrained image encoder. Read top to bottom, the order in which a video flows (
   VideoPanda      splice, next-token loss (Eq. 20), generate
 
 Where the official release differs from the paper's equations, the code follows the release (so that
-its weights give its outputs), and the comment says how the paper writes it. Every module is written
-first in its plain form, the maths as the paper and the release write it; where a faster form of the
-same function exists it sits beside, behind one switch, PandaConfig.fast, with a line saying why the
-two are equal (tests/test_fast_path.py proves it, forward and gradients).
+its weights give its outputs) and a comment says how the paper writes it. Each module's plain form, the
+maths as written, comes first; a faster form of the same function sits beside it behind one switch,
+PandaConfig.fast, with a line on why the two are equal (tests/test_fast_path.py proves it).
 
-Shapes: B videos, T frames per video, k frames per chunk, S canvas side (pixels), P patch side,
-p = S / P patches per side, s LSD window side, g = p / s grid cells per side, C STAB width,
-D decoder width, L tokens in a sequence, V vocabulary.
+Shapes: B videos, T frames a video, k frames a chunk, S canvas side, P patch side, p = S/P patches a side,
+s LSD window side, g = p/s grid cells a side, C STAB width, D decoder width, L tokens, V vocabulary.
 """
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -80,18 +76,16 @@ class PandaConfig:
     gstra: bool = True         # False: the fused token is fuse(frame token) alone
 
     def __post_init__(self):
-        if self.lsd not in ("attention", "avgpool"):
-            raise ValueError(f"lsd must be 'attention' or 'avgpool', got {self.lsd!r}")
-        if not (self.fsra or self.gstra):
-            raise ValueError("fsra=False and gstra=False leave the fused token no context: keep one of them")
-        if self.n_frames % self.chunk_frames:
-            raise ValueError(f"n_frames={self.n_frames} must be a multiple of chunk_frames={self.chunk_frames}")
-        if self.stab_dim % self.stab_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"stab_dim % stab_heads and n_heads % n_kv_heads must be 0, got "
-                             f"{self.stab_dim}/{self.stab_heads} and {self.n_heads}/{self.n_kv_heads}")
-        if self.image_size % (self.patch_size * self.lsd_window):
-            raise ValueError(f"image_size={self.image_size} must be a multiple of patch_size*lsd_window="
-                             f"{self.patch_size * self.lsd_window}")
+        for wrong, why in [
+                (self.lsd not in ("attention", "avgpool"), f"lsd must be 'attention' or 'avgpool', got {self.lsd!r}"),
+                (not (self.fsra or self.gstra), "fsra=False and gstra=False leave the fused token no context"),
+                (self.n_frames % self.chunk_frames, f"n_frames={self.n_frames} must be a multiple of chunk_frames"),
+                (self.stab_dim % self.stab_heads, f"stab_dim={self.stab_dim} must be a multiple of stab_heads"),
+                (self.n_heads % self.n_kv_heads, f"n_heads={self.n_heads} must be a multiple of n_kv_heads"),
+                (self.image_size % (self.patch_size * self.lsd_window),
+                 f"image_size={self.image_size} must be a multiple of patch_size*lsd_window")]:
+            if wrong:
+                raise ValueError(why)
 
     @property
     def dim_per_head(self):
@@ -111,28 +105,21 @@ class PandaConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return replace(cls(**PRESETS[name]), **overrides)
 
-    def to_dict(self):
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 PRESETS = {
     # unit tests: about 55 thousand parameters, milliseconds per forward on a CPU
-    "nano": dict(n_frames=4, image_size=32, patch_size=8, chunk_frames=2, stab_dim=32, stab_heads=2,
-                 vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                 max_seq_len=256, stab_dropout=0.0, letterbox=False),
-    # the default synthetic-video run: 8 frames of 48x48, a 3x3 token grid per frame. No dropout: the
-    # synthetic stream never shows a clip twice, and dropout only slowed learning (README, "The tiny run")
+    "nano": dict(n_frames=4, image_size=32, patch_size=8, chunk_frames=2, stab_dim=32, stab_heads=2, vocab_size=64,
+                 d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=256, stab_dropout=0.0,
+                 letterbox=False),
+    # the default synthetic run: 8 frames of 48x48, a 3x3 grid. No dropout: the stream never repeats a clip
     "tiny": dict(n_frames=8, image_size=48, patch_size=8, chunk_frames=4, stab_dim=96, stab_heads=4,
                  vocab_size=128, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384,
                  max_seq_len=256, stab_dropout=0.0, letterbox=False),
-    # the release: 8 frames of 448x448, STAB width 1024, a Vicuna-7B-shaped decoder
-    "paper": dict(),
+    "paper": dict(),  # the release: 8 frames of 448x448, STAB width 1024, a Vicuna-7B-shaped decoder
 }
 
 
-# ============================================================================================
-# STAB: the Spatio-Temporal Alignment Block (Sec. 3.1)
-# ============================================================================================
+# ------------------------------------------------------------------ the STAB (Sec. 3.1)
 
 class PatchEmbed(nn.Conv2d):
     """Patch embedding (Eq. 1; the release's `patch_embedding`): every P x P patch of a frame is mapped
@@ -145,8 +132,7 @@ class PatchEmbed(nn.Conv2d):
     def forward(self, frames):  # (N, 3, S, S) -> (N, p, p, C), channels last as the STAB keeps its tokens
         if not self.fast:
             return super().forward(frames).permute(0, 2, 3, 1)
-        # Fast: the patches do not overlap, so the conv is one matmul of each flattened patch (in the
-        # weight's channel, row, column order) with the (C, 3*P*P) weight; cuDNN runs a 3-channel conv slowly.
+        # Fast: patches do not overlap, so it is one matmul of the flattened patches with the (C, 3*P*P) weight
         N, c, S, _ = frames.shape
         P, p = self.kernel_size[0], S // self.kernel_size[0]
         patches = frames.reshape(N, c, p, P, p, P).permute(0, 2, 4, 1, 3, 5).reshape(N, p * p, c * P * P)
@@ -154,10 +140,9 @@ class PatchEmbed(nn.Conv2d):
 
 
 class LSTE(nn.Module):
-    """Local Spatio-Temporal Encoding (Sec. 3.1, Eq. 2-3; the release's `lmhra1` and `dpe`, after
-    UniFormerV2's local MHRA): a bottleneck of 1x1x1 conv, depthwise conv over 3 frames and 1x1x1 conv,
-    added to its input (Eq. 2), then a 3x3x3 depthwise conv added in turn (Eq. 3, "DPE"). Purely linear.
-    The release puts a BatchNorm first, which the paper does not show."""
+    """Local Spatio-Temporal Encoding (Sec. 3.1, Eq. 2-3; the release's `lmhra1` and `dpe`, after UniFormerV2):
+    a bottleneck (1x1x1 conv, depthwise conv over 3 frames, 1x1x1 conv) added to its input (Eq. 2), then a
+    3x3x3 depthwise conv added in turn (Eq. 3, "DPE"). Linear; the release's BatchNorm is not in the paper."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -205,10 +190,9 @@ class LSTE(nn.Module):
 
 
 class QueryAttention(nn.Module):
-    """One query token attends over a set of tokens (Eq. 4), with a residual to the raw query: the
-    cross-attention of GSTRA, LSD and FSRA (the release's LocalAttention/GlobalAttention, from EVE).
-    q = W_q LN(query); [k; v] = W_kv LN(tokens); per head a softmax of q.k * scale weights the v's;
-    the heads are concatenated, projected by W_o and added to the query."""
+    """One query token attends over a set of tokens (Eq. 4), plus the raw query: the cross-attention of GSTRA,
+    LSD and FSRA (the release's LocalAttention/GlobalAttention, from EVE). q = W_q LN(query), [k; v] =
+    W_kv LN(tokens); per head softmax(q.k * scale) weights the v's; heads concatenated, then W_o."""
 
     def __init__(self, dim, heads, bias=False, full_width_scale=True, fast=True):
         super().__init__()
@@ -216,8 +200,7 @@ class QueryAttention(nn.Module):
         self.q = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim, bias=bias))
         self.kv = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim, bias=bias))  # rows: [K; V]
         self.proj = nn.Linear(dim, dim)
-        # The release scales LSD's and FSRA's logits by C^-0.5 over the full width (inherited from
-        # EVE), not by the usual head_dim^-0.5; GSTRA uses the usual one.
+        # The release scales LSD's and FSRA's logits by C^-0.5 (from EVE), not the usual head_dim^-0.5; GSTRA's is usual
         self.scale = dim ** -0.5 if full_width_scale else (dim // heads) ** -0.5
 
     def forward(self, query, tokens, key_mask=None):  # (N, C), (N, L, C), (N, L) bool -> (N, C)
@@ -279,15 +262,11 @@ class GSTRA(nn.Module):
         for lin in (self.attn.q[1], self.attn.kv[1]):
             nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(lin.bias)
-        # The query starts at zero, so the attention starts uniform; the two output layers start at zero,
-        # so the chunk token itself starts at exactly zero and grows from there (the release's constructor).
-        for lin in (self.attn.proj, self.mlp[-1]):
+        for lin in (self.attn.proj, self.mlp[-1]):  # with the zero query: uniform attention, a chunk token of 0
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def forward(self, tokens):  # (N, k*p*p, C) -> (N, C)
-        # Keys are the full-resolution LSTE output, letterbox padding included and unmasked, as the
-        # release does; the paper's Eq. 12 may mean the downsampled tokens.
+    def forward(self, tokens):  # (N, k*p*p, C): the full-resolution LSTE output, padding unmasked, as released
         x = self.attn(self.query.expand(tokens.shape[0], -1), tokens)
         return x + self.mlp(self.norm(x))
 
@@ -343,9 +322,8 @@ class STAB(nn.Module):
         self.split_token = nn.Parameter(torch.randn(C)) if cfg.split_tokens else None  # `split_embedding`
 
     def forward(self, video):
-        """video (B, T, 3 or 4, S, S) -> tokens (B, L, C) and lengths (B,). Channel 3, when present, is
-        the letterbox mask (1 = real pixels); each video's valid box is a rectangle shared by its frames.
-        Videos with a smaller box get fewer tokens: they are packed to the left and padded."""
+        """video (B, T, 3 or 4, S, S) -> tokens (B, L, C), lengths (B,). Channel 3, if there, is the letterbox
+        mask (1 = real pixels), one rectangle per video; a smaller box gives fewer tokens, packed to the left."""
         cfg = self.cfg
         B, T = video.shape[:2]
         k, C = cfg.chunk_frames, cfg.stab_dim
@@ -385,7 +363,7 @@ class STAB(nn.Module):
         if video.shape[2] == 3:
             return None
         mask = video[:, :, 3]  # (B, T, S, S)
-        cells = F.avg_pool2d(mask.flatten(0, 1)[:, None].float(), mask.shape[-1] // g)[:, 0].view(-1, mask.shape[1], g, g)
+        cells = F.avg_pool2d(mask.flatten(0, 1)[:, None].float(), mask.shape[-1] // g).view(*mask.shape[:2], g, g)
         rect = cells[:, 0].bool()
         box = rect.any(2)[:, :, None] & rect.any(1)[:, None, :]
         if not (((cells == 0) | (cells == 1)).all() and (cells == rect[:, None]).all() and (box == rect).all()):
@@ -397,8 +375,7 @@ class STAB(nn.Module):
 
 
 def pack_left(tokens, keep):
-    """Move each row's kept tokens to the front, in order; pad to the longest row.
-    tokens (B, L, C), keep (B, L) bool -> (B, L', C), lengths (B,). No loop over rows."""
+    """Each row's kept tokens to the front, in order, padded: (B, L, C), keep (B, L) -> (B, L', C), lengths (B,)."""
     lengths = keep.sum(1)
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :int(lengths.max())]
     packed = tokens.gather(1, order[..., None].expand(-1, -1, tokens.shape[-1]))
@@ -406,25 +383,24 @@ def pack_left(tokens, keep):
     return packed * in_row[..., None], lengths
 
 
-# ============================================================================================
-# Decoder: a Llama-family causal language model, written from scratch
-# ============================================================================================
+# ------------------------------------------------------------------ the decoder: a Llama-family LLM
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.Module):  # x / rms(x) * weight, in fp32 as Llama does
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # normalise in fp32 as Llama does, then return to the working dtype
+        xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope_inv_freq(cfg):
-    """Rotary frequencies, with Llama 3's rescaling of the low frequencies when rope_factor > 1."""
+def rope_inv_freq(cfg, device=None):
+    """Rotary frequencies (d/2,) in fp32, with Llama 3's rescaling of the low ones when rope_factor > 1.
+    Computed at every forward, on the device, never stored: a stored copy would be rounded by .to(bf16)."""
     d = cfg.dim_per_head
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
     if cfg.rope_factor == 1.0:
         return inv_freq
     wavelen = 2 * math.pi / inv_freq
@@ -453,10 +429,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * d, D, bias=False)
 
     def forward(self, x, cos, sin, mask=None, cache=None, slots=None):
-        """x (B, L, D); cos, sin (B or 1, L, d). Without a mask, each query sees itself and the L - 1
-        queries before it (training, and a prefill). cache: this layer's (keys, values) buffers of a
-        KVCache, written at `slots`; with a mask (B, 1, 1, slots) the queries attend over the whole
-        buffers and the mask alone says which slots each row may see (decoding)."""
+        """x (B, L, D); cos, sin (B or 1, L, d). No mask: causal over these L positions (training, a prefill).
+        cache: this layer's (keys, values) buffers of a KVCache, written at `slots`; with a mask (B, 1, 1,
+        slots) the queries attend over the whole buffers, the mask alone saying what each row sees (decoding)."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.d).transpose(1, 2)  # (B, n_heads, L, d)
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.d).transpose(1, 2)  # (B, n_kv_heads, L, d)
@@ -499,16 +474,14 @@ class Block(nn.Module):
 
 class KVCache:
     """The keys and values of every position so far, for generation: per layer a preallocated buffer
-    (B, n_kv_heads, max_len, head_dim), written in place at the slots of new tokens. Its shapes never
+    (B, n_kv_heads, slots, head_dim), written in place at the slots of new tokens. Its shapes never
     change, so a compiled decode step can replay one CUDA graph per token (as gpt-fast does)."""
 
-    def __init__(self, cfg, batch, max_len, dtype, device):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.dim_per_head)
+    def __init__(self, cfg, batch, slots, dtype, device):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.dim_per_head)
+        self.slots = slots
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: slots not written yet are masked,
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # and never NaN
-
-    def __len__(self):  # slots
-        return self.k.shape[3]
 
 
 class Decoder(nn.Module):
@@ -524,25 +497,17 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         for m in self.modules():  # Llama's init: N(0, 0.02), zero biases
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        # .to(torch.bfloat16) would round the rotary frequencies too (an angle error of radians at
-        # position 2000): recompute them in fp32 on whatever device the module went to.
-        self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
-        return self
-
     def forward(self, x, positions, mask=None, cache=None, slots=None, return_hidden=False):
-        """x (B, L, D) embeddings at positions (B or 1, L) -> final hidden states (B, L, D). cache, slots
-        and mask as Attention takes them. return_hidden: also the n_layers + 1 hidden states as Hugging
-        Face counts them (distillation): [0] the input embeddings, [i] block i's output, [-1] the final norm's."""
-        angles = positions[..., None].float() * self.inv_freq  # (B or 1, L, d/2)
+        """x (B, L, D) at positions (B or 1, L) -> final hidden states (B, L, D); mask, cache, slots as Attention
+        takes them. return_hidden: also the n_layers + 1 hidden states as Hugging Face counts them (for
+        distillation): [0] the input embeddings, [i] block i's output, [-1] the final norm's."""
+        angles = positions[..., None].float() * rope_inv_freq(self.cfg, x.device)  # (B or 1, L, d/2)
         angles = torch.cat([angles, angles], -1)  # the rotate-half layout: both halves share a frequency
         cos, sin = angles.cos(), angles.sin()
         hidden = [x]
@@ -558,9 +523,7 @@ class Decoder(nn.Module):
         return (x, hidden[:-1] + [x]) if return_hidden else x
 
 
-# ============================================================================================
-# VideoPanda: STAB + projector + decoder
-# ============================================================================================
+# ------------------------------------------------------------------ VideoPanda: STAB + projector + decoder
 
 class VideoPanda(nn.Module):
     def __init__(self, cfg):
@@ -572,24 +535,16 @@ class VideoPanda(nn.Module):
                                        nn.Linear(cfg.d_model, cfg.d_model))
         self.decoder = Decoder(cfg)
 
-    def num_params(self):
-        """Parameters per part; shared (tied) tensors are counted once."""
-        def count(module):
-            return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
-        return {"stab": count(self.stab), "projector": count(self.projector), "decoder": count(self.decoder)}
+    def num_params(self):  # per part; a tied lm_head is the embedding, counted once
+        parts = {"stab": self.stab, "projector": self.projector, "decoder": self.decoder}
+        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
 
     def encode_videos(self, videos):
         """videos (B, T, 3 or 4, S, S) -> visual embeddings (B, L, D), lengths (B,)."""
-        cfg = self.cfg
-        if videos.ndim != 5 or videos.shape[2] not in (3, 4):
-            raise ValueError(f"videos must be (batch, frames, 3 or 4 channels, height, width); got shape "
-                             f"{tuple(videos.shape)}")
-        T, S, W = videos.shape[1], videos.shape[3], videos.shape[4]
-        if T % cfg.chunk_frames:
-            raise ValueError(f"got {T} frames per video; the STAB needs a multiple of chunk_frames={cfg.chunk_frames}")
-        if S != W or S % (cfg.patch_size * cfg.lsd_window):
-            raise ValueError(f"frames must be square with a side that is a multiple of patch_size*lsd_window="
-                             f"{cfg.patch_size * cfg.lsd_window}; got {S}x{W}")
+        k, block, shape = self.cfg.chunk_frames, self.cfg.patch_size * self.cfg.lsd_window, tuple(videos.shape)
+        if len(shape) != 5 or shape[2] not in (3, 4) or shape[1] % k or shape[3] != shape[4] or shape[3] % block:
+            raise ValueError(f"videos must be (batch, frames, 3 or 4 channels, side, side): square frames, frames a "
+                             f"multiple of chunk_frames={k}, side of patch_size*lsd_window={block}; got {shape}")
         tokens, lengths = self.stab(videos.to(self.projector[0].weight.dtype))
         return self.projector(tokens), lengths
 
@@ -597,8 +552,7 @@ class VideoPanda(nn.Module):
         """Splice each video's visual tokens at the VIDEO_PLACEHOLDER of its prompt. input_ids (B, L_text)
         right-padded, lengths (B,) real tokens per row (None: all). Returns the embeddings (B, L, D),
         right-padded with zeros, the labels (B, L) or None, and the lengths (B,)."""
-        B, L_text = input_ids.shape
-        dev = input_ids.device
+        (B, L_text), dev = input_ids.shape, input_ids.device
         lengths = torch.full((B,), L_text, device=dev) if lengths is None else lengths.to(dev)
         is_video = (input_ids == VIDEO_PLACEHOLDER) & (torch.arange(L_text, device=dev) < lengths[:, None])
         if not (is_video.sum(1) == 1).all():
@@ -607,11 +561,9 @@ class VideoPanda(nn.Module):
         vis, n_vis = self.encode_videos(videos)  # (B, L_vis, D), (B,)
         out_len = lengths - 1 + n_vis
         if int(out_len.max()) > self.cfg.max_seq_len:
-            raise ValueError(f"a sequence of {int(out_len.max())} tokens (text plus visual) exceeds the "
-                             f"decoder's context of max_seq_len={self.cfg.max_seq_len}; shorten the prompt "
-                             f"or use fewer frames")
-        # Output position j takes text position j before the placeholder, visual token j - at inside
-        # the video's span, and text position j - n_vis + 1 after it. One gather each, no loop.
+            raise ValueError(f"a sequence of {int(out_len.max())} tokens (text and video) exceeds the decoder's "
+                             f"context, max_seq_len={self.cfg.max_seq_len}: shorten the prompt or use fewer frames")
+        # Output position j: text j before the placeholder, video j - at in its span, text j - n_vis + 1 after.
         at = is_video.int().argmax(1)[:, None]  # (B, 1)
         j = torch.arange(int(out_len.max()), device=dev)[None]  # (1, L)
         in_video = (j >= at) & (j < at + n_vis[:, None])
@@ -626,10 +578,9 @@ class VideoPanda(nn.Module):
         return x, labels, out_len
 
     def forward(self, videos, input_ids, labels=None, lengths=None, reduction="mean", return_hidden=False):
-        """Without labels: logits (B, L, V) over the spliced sequence. With labels aligned to input_ids
-        (IGNORE_INDEX on everything but answer tokens): the next-token loss (Eq. 20), averaged over the
-        supervised tokens (reduction="mean") or summed ("sum", for exact accumulation).
-        return_hidden: (that, the decoder's hidden states), as Decoder.forward returns them."""
+        """Without labels: logits (B, L, V). With labels aligned to input_ids (IGNORE_INDEX but on answers): the
+        next-token loss (Eq. 20), the mean over supervised tokens or, reduction="sum", their sum (for exact
+        accumulation). return_hidden: (that, the decoder's hidden states, as Decoder.forward returns them)."""
         x, labels, _ = self.embed_inputs(videos, input_ids, labels, lengths)
         # Right padding: the causal mask alone is exact for every real position.
         h = self.decoder(x, torch.arange(x.shape[1], device=x.device)[None], return_hidden=return_hidden)
@@ -654,22 +605,19 @@ class VideoPanda(nn.Module):
     @torch.no_grad()
     def stream(self, videos, input_ids, lengths=None, max_new_tokens=32, temperature=0.0, top_k=None,
                eos_id=None, generator=None, cache=None):
-        """Yield the next token of every row (B,), one step at a time: the video and the prompt go
-        through the decoder once (the prefill), filling the KV cache; then one position per new token.
-        cache: a KVCache to reuse, with room for the prompt and the new tokens; None makes one."""
+        """Yield the next token of every row (B,): the video and the prompt go through the decoder once (the
+        prefill), filling the KV cache; then one position per new token. cache: a KVCache to reuse (None: new)."""
         x, _, seq_len = self.embed_inputs(videos, input_ids, lengths=lengths)
         B, L, _ = x.shape
-        if L + max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(f"a prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the context "
-                             f"max_seq_len={self.cfg.max_seq_len}; lower max_new_tokens")
         cache = KVCache(self.cfg, B, L + max_new_tokens, x.dtype, x.device) if cache is None else cache
-        if len(cache) < L + max_new_tokens:
-            raise ValueError(f"the KV cache has {len(cache)} slots; this needs {L + max_new_tokens}")
-        slots = torch.arange(len(cache), device=x.device)
+        if L + max_new_tokens > min(self.cfg.max_seq_len, cache.slots):
+            raise ValueError(f"a prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the context, "
+                             f"max_seq_len={self.cfg.max_seq_len}, or the KV cache's {cache.slots} slots")
+        slots = torch.arange(cache.slots, device=x.device)
         h = self.decoder(x, slots[None, :L], cache=cache, slots=slots[:L])
         logits = self.decoder.lm_head(h[torch.arange(B), seq_len - 1])
-        # Rows are right-padded to L, so the new tokens of shorter rows sit after a gap of padding in the
-        # cache: the mask hides the gap and the slots not written yet; positions go on from each row's length.
+        # Rows are right-padded to L: the new tokens of shorter rows sit after a gap, which the mask hides
+        # (with the slots not written yet); positions go on from each row's length.
         visible = slots[None] < seq_len[:, None]  # (B, slots)
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         for step in range(max_new_tokens):
@@ -678,18 +626,16 @@ class VideoPanda(nn.Module):
                 token = token.masked_fill(done, eos_id)
                 done |= token == eos_id
             yield token
-            # done.all() waits for the GPU; without an eos_id no row can finish, and skipping the check
-            # lets the next step be queued while this one runs
+            # done.all() waits for the GPU: without an eos_id it is skipped, and the next step is queued at once
             if step == max_new_tokens - 1 or eos_id is not None and done.all():
                 return
             visible[:, L + step] = True  # the new token's slot
             emb = self.decoder.embed_tokens(token[:, None]).to(x.dtype)
-            logits = self.decode_step(emb, (seq_len + step)[:, None], visible[:, None, None, :], cache,
-                                      slots[L + step:L + step + 1])
+            positions, mask = (seq_len + step)[:, None], visible[:, None, None, :]
+            logits = self.decode_step(emb, positions, mask, cache, slots[L + step, None])
 
     def decode_step(self, emb, positions, mask, cache, slots):
-        """One new token per row, embedded (B, 1, D) -> next-token logits (B, V). A method of its own so
-        that it can be compiled: its shapes are the same at every step."""
+        """One new token per row, embedded (B, 1, D) -> next-token logits (B, V); the same shapes every step."""
         return self.decoder.lm_head(self.decoder(emb, positions, mask, cache, slots)[:, -1])
 
 

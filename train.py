@@ -277,7 +277,7 @@ def save(out, model, head, optimizer, run, tc, device):
         raise NonFiniteStep(f"step {run['step']}: the weights hold inf or NaN; the last checkpoint is kept")
     state = dict(step=run["step"], data_place=distributed.gather(run["place"]), rng=distributed.gather(common.rng_state()),
                  skipped=[m for part in distributed.gather(run["skipped"]) for m in part], loss=run["loss"],
-                 train_config=asdict(tc), model_config=run["cfg"].to_dict(), template=run["template"],
+                 train_config=asdict(tc), model_config=asdict(run["cfg"]), template=run["template"],
                  data_size=run["data_size"])
     if tc.fsdp:
         distributed.save_sharded(out / "ckpt_dcp", model, head, optimizer, state)

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from panda import PandaConfig, VideoPanda, rope_inv_freq
+from panda import PandaConfig, VideoPanda
 
 LLM_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_TYPES = LLM_TYPES + ("videopanda", "panda")
@@ -297,8 +297,6 @@ def empty_model(cfg, dtype, device, fresh_visual):
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_embeddings:  # to_empty gives every parameter its own new storage, which unties them
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
-    # A non-persistent buffer, in no checkpoint: recompute it from the config, in fp32 as the decoder expects.
-    model.decoder.inv_freq = rope_inv_freq(cfg).to(device)
     if fresh_visual:  # a donor with a one-token, zero-layer decoder runs the real STAB and projector constructors
         donor = VideoPanda(replace(cfg, n_layers=0, vocab_size=1))
         model.stab.load_state_dict(donor.stab.state_dict())
@@ -409,7 +407,7 @@ def export_config(cfg, dtype):
         rope |= {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
                  "high_freq_factor": cfg.rope_high_freq_factor,
                  "original_max_position_embeddings": cfg.rope_original_max_len}
-    return {"model_type": "panda", "architectures": ["VideoPanda"], "panda_config": cfg.to_dict(),
+    return {"model_type": "panda", "architectures": ["VideoPanda"], "panda_config": asdict(cfg),
             **{theirs: getattr(cfg, ours) for theirs, ours in HF_FIELDS.items()},
             "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.dim_per_head, "hidden_act": "silu",
             "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope, "dtype": dtype}

@@ -10,7 +10,7 @@ import data
 import distill
 import train
 from distill import DistillHead, cosine_loss, distill_loss, grid_positions
-from panda import VIDEO_PLACEHOLDER, PandaConfig, VideoPanda
+from panda import VIDEO_PLACEHOLDER, PandaConfig, VideoPanda, rope_inv_freq
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_decoder_hidden_states_follow_hugging_faces_count():
 
 
 def rotary(model, positions):
-    angles = positions[..., None].float() * model.decoder.inv_freq
+    angles = positions[..., None].float() * rope_inv_freq(model.cfg)
     angles = torch.cat([angles, angles], -1)
     return angles.cos(), angles.sin()
 

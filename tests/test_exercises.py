@@ -1,6 +1,7 @@
 """Checks of the solutions in exercises.py (EXERCISES.md). An exercise still raising NotImplementedError
 is skipped; an attempted one is compared with panda's own behaviour."""
 
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -73,14 +74,14 @@ def test_2_gstra_per_frame():
 def test_3_config_for_frames(n_frames):
     cfg = attempt(exercises.config_for_frames, n_frames)
     tiny = PandaConfig.preset("tiny")
-    changed = {k for k, v in cfg.to_dict().items() if v != tiny.to_dict()[k]}
+    changed = {k for k, v in asdict(cfg).items() if v != asdict(tiny)[k]}
     assert changed <= {"n_frames", "chunk_frames", "max_seq_len"}
     assert cfg.n_frames == n_frames and cfg.chunk_frames == max(c for c in (1, 2, 3, 4) if n_frames % c == 0)
     needed = n_frames * cfg.tokens_per_frame + 128
     assert needed <= cfg.max_seq_len <= 2 * needed
     tokenizer = data.build_tokenizer()
     torch.manual_seed(0)
-    model = VideoPanda(PandaConfig(**(cfg.to_dict() | {"vocab_size": tokenizer.get_vocab_size()})))
+    model = VideoPanda(PandaConfig(**(asdict(cfg) | {"vocab_size": tokenizer.get_vocab_size()})))
     batch = data.SyntheticQA(tokenizer, "train", n_frames, cfg.image_size, 4).batch(0, 2)
     x, _, lengths = model.embed_inputs(batch["videos"], batch["input_ids"], lengths=batch["lengths"])
     assert int(lengths.max()) + 8 <= cfg.max_seq_len  # the longest training chat, and room to answer

@@ -166,5 +166,5 @@ def test_a_larger_cache_reused_gives_the_same_tokens_and_a_small_one_is_an_error
     a = model.generate(videos, ids, lengths, generator=torch.Generator().manual_seed(3), **kw)
     b = model.generate(videos, ids, lengths, generator=torch.Generator().manual_seed(3), cache=cache, **kw)
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="the KV cache has 20 slots"):
+    with pytest.raises(ValueError, match="the KV cache's 20 slots"):
         model.generate(videos, ids, lengths, max_new_tokens=12, cache=KVCache(model.cfg, 3, 20, torch.float32, "cpu"))

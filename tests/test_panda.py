@@ -255,7 +255,7 @@ def test_fresh_zero_initialised_parameters_get_gradients():
     ((2, 4, 3, 32), "batch, frames"),
     ((2, 4, 5, 32, 32), "3 or 4 channels"),
     ((2, 3, 3, 32, 32), "multiple of chunk_frames"),
-    ((2, 4, 3, 40, 40), "multiple of patch_size"),
+    ((2, 4, 3, 40, 40), r"side of patch_size\*lsd_window"),
     ((2, 4, 3, 32, 48), "square"),
 ])
 def test_bad_video_shapes_are_rejected_with_a_clear_message(shape, message):

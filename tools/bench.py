@@ -232,8 +232,6 @@ def random_init_(module, std=0.02):
                     p.normal_(0, std)
             if isinstance(m, nn.BatchNorm3d):
                 m.reset_running_stats()
-            if isinstance(m, panda.Decoder):  # a computed buffer, which to_empty left uninitialised
-                m.inv_freq = panda.rope_inv_freq(m.cfg).to(m.embed_tokens.weight.device)
     return module
 
 
