@@ -6,7 +6,16 @@ three stages, weight 1, from a frozen ViT-L/14 (LanguageBind). Nothing here runs
     teacher(batch) -> (B, T, g, g, D) features   a frozen callable: the oracle below, or a ViT
     DistillHead(hidden states at the grid tokens) -> (..., D) predictions
     loss = 1 - cosine(prediction, teacher feature), per frame the mean over its valid cells
+
+Teachers: make_teacher("oracle", cfg) reads the synthetic task's ground truth; make_teacher("vit", cfg,
+path=DIR) loads a CLIP-layout vision tower (ViT, ViTTeacher) from a local Hugging Face checkpoint.
+load_release_head starts the head from the release's VideoCompressor weights. docs/distillation.md
+tells the whole story.
 """
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
-from panda import VIDEO_PLACEHOLDER
+from common import CheckpointError
+from panda import VIDEO_PLACEHOLDER, patch_embed
 
 
 class DistillHead(nn.Module):
@@ -88,11 +98,15 @@ def distill_loss(head, teacher, batch, hidden, model):
     return cosine_loss(pred, target, valid)
 
 
-def make_teacher(name, cfg):
+def make_teacher(name, cfg, path="", device="cpu"):
     """(teacher, its feature width). teacher(batch) -> frozen per-cell features (B, T, g, g, D) of the
-    batch's clips on the LSD grid."""
+    batch's clips on the LSD grid. name: "oracle", the synthetic task's ground truth (below), or "vit",
+    the CLIP-layout vision tower in the checkpoint directory `path`, run on `device` (vit_teacher)."""
+    if name == "vit":
+        teacher = vit_teacher(path, cfg, device)
+        return teacher, teacher.dim
     if name != "oracle":
-        raise ValueError(f"--distill must be auto, empty (off) or oracle, got {name!r}")
+        raise ValueError(f"--distill must be auto, empty (off), oracle or vit, got {name!r}")
 
     def oracle(batch):
         if "samples" not in batch:
@@ -139,3 +153,256 @@ def oracle_features(sample, grid):
     out[:, rows, cols, channel["row 0"] + rows] = 1
     out[:, rows, cols, channel["column 0"] + cols] = 1
     return out
+
+
+# ------------------------------------------------------------------------------------ the ViT teacher
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)  # OpenAI CLIP's sigmoid approximation of GELU
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}  # by Hugging Face's hidden_act names
+
+
+@dataclass
+class ViTConfig:
+    """The shape of a CLIP-layout vision transformer. The defaults are CLIP ViT-L/14 at 224 px, the
+    shape of the release's teacher (LanguageBind's image and video towers are CLIP ViT-L/14s)."""
+    width: int = 1024          # token width
+    layers: int = 24
+    heads: int = 16
+    mlp: int = 4096            # the MLP's hidden width
+    patch: int = 14            # patch side in pixels: the patch embedding's kernel and stride
+    image: int = 224           # frames are image x image pixels
+    act: str = "quick_gelu"    # the MLP's activation: quick_gelu (OpenAI's CLIP) or gelu
+    eps: float = 1e-5          # LayerNorm epsilon
+
+    def __post_init__(self):
+        if self.image % self.patch or self.width % self.heads or self.act not in ACTIVATIONS:
+            raise ValueError(f"a ViT needs image % patch == 0, width % heads == 0 and act in {sorted(ACTIVATIONS)}; "
+                             f"got image {self.image}, patch {self.patch}, width {self.width}, heads {self.heads}, "
+                             f"act {self.act!r}")
+
+    @property
+    def grid(self):  # patches per side
+        return self.image // self.patch
+
+
+class ViT(nn.Module):
+    """CLIP's vision transformer (Radford et al. 2021) with Hugging Face's CLIPVisionModel tensor names,
+    less its `embeddings.` and `encoder.` levels: a patch embedding without bias, a class token and
+    learned positions, a LayerNorm before the layers, then pre-LN layers of attention and MLP. Random
+    weights from the constructor; load_vit_weights fills them from a checkpoint. CLIPVisionModel's
+    post_layernorm normalises only the pooled class token, which nothing here reads: it is not built."""
+
+    def __init__(self, vc):
+        super().__init__()
+        self.vc = vc
+        self.patch_embedding = nn.Conv2d(3, vc.width, vc.patch, vc.patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(vc.width))
+        self.position_embedding = nn.Embedding(vc.grid ** 2 + 1, vc.width)  # the class token's, then each patch's
+        self.pre_layrnorm = nn.LayerNorm(vc.width, eps=vc.eps)  # sic: Hugging Face's spelling
+        self.layers = nn.ModuleList(ViTLayer(vc) for _ in range(vc.layers))
+
+    def forward(self, frames, n_layers=None):
+        """frames (N, 3, S, S) -> the tokens after the first n_layers layers (all: None), (N, 1 + g*g,
+        width), the class token first, then the patches row by row: Hugging Face's hidden_states[n_layers]."""
+        x = patch_embed(self.patch_embedding, frames.to(self.patch_embedding.weight.dtype))  # (N, g, g, width)
+        x = x.flatten(1, 2)  # (N, g*g, width), row by row as Hugging Face's conv output flattens
+        x = torch.cat([self.class_embedding.expand(len(x), 1, -1), x], 1) + self.position_embedding.weight
+        x = self.pre_layrnorm(x)
+        for layer in self.layers[:n_layers]:
+            x = layer(x)
+        return x
+
+
+class ViTLayer(nn.Module):
+    """One pre-LN transformer layer of CLIP's vision tower (Hugging Face's CLIPEncoderLayer, same
+    tensor names): x + attention(LN(x)), then x + MLP(LN(x)), attention scaled by head_dim^-0.5."""
+
+    def __init__(self, vc):
+        super().__init__()
+        self.heads, self.act = vc.heads, ACTIVATIONS[vc.act]
+        self.layer_norm1 = nn.LayerNorm(vc.width, eps=vc.eps)
+        self.self_attn = nn.ModuleDict({name: nn.Linear(vc.width, vc.width)
+                                        for name in ("q_proj", "k_proj", "v_proj", "out_proj")})
+        self.layer_norm2 = nn.LayerNorm(vc.width, eps=vc.eps)
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(vc.width, vc.mlp), "fc2": nn.Linear(vc.mlp, vc.width)})
+
+    def forward(self, x):  # (N, L, width) -> (N, L, width)
+        N, L, C = x.shape
+        h, attn = self.layer_norm1(x), self.self_attn
+        q, k, v = (attn[name](h).view(N, L, self.heads, C // self.heads).transpose(1, 2)
+                   for name in ("q_proj", "k_proj", "v_proj"))  # (N, heads, L, C/heads) each
+        x = x + attn["out_proj"](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(N, L, C))
+        return x + self.mlp["fc2"](self.act(self.mlp["fc1"](self.layer_norm2(x))))
+
+
+def teacher_dtype(device):
+    """bf16 on CUDA, as the release keeps its teacher; fp32 elsewhere, where bf16 matmuls are slow."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+class ViTTeacher:
+    """The release's frozen teacher: a CLIP-layout ViT's tokens hidden_states[-2] (the release's
+    mm_vision_select_layer: the input to the last layer, before any final norm) at every patch of every
+    frame, the class token dropped: teacher(batch) -> (B, T, g, g, D). g, the ViT's patch grid, must be
+    the student's LSD grid (224-px frames in 14-px patches: 16 x 16, as 448-px frames in 28-px LSD
+    windows), so that teacher patch (r, c) and student cell (r, c) cover the same part of the frame.
+    A plain object, not an nn.Module: it never reaches the optimizer, a checkpoint or DDP/FSDP."""
+
+    def __init__(self, vit, cfg):
+        vc = vit.vc
+        if vc.grid != cfg.grid:
+            raise ValueError(f"the teacher's {vc.image}-px frames in {vc.patch}-px patches make a {vc.grid}x{vc.grid} "
+                             f"grid, the student's LSD grid is {cfg.grid}x{cfg.grid}: they must pair cell for cell")
+        self.device = next(vit.parameters()).device
+        self.vit = vit.to(teacher_dtype(self.device)).eval().requires_grad_(False)
+        self.cfg, self.image_size, self.dim = cfg, vc.image, vc.width
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        frames = batch.get("teacher_videos")  # (B, T, 4, S, S): CLIP-normalised RGB + the letterbox mask
+        S, g = self.image_size, self.vit.vc.grid
+        if frames is None or frames.ndim != 5 or frames.shape[2] not in (3, 4) or tuple(frames.shape[-2:]) != (S, S):
+            found = "none" if frames is None else f"shape {tuple(frames.shape)}"
+            raise ValueError(f"the ViT teacher reads batch['teacher_videos'], (B, T, 4, {S}, {S}) from a dataset "
+                             f"made with teacher_size={S}; found {found}")
+        check_pairing(batch["videos"], frames, self.cfg, self.vit.vc.patch)
+        B, T = frames.shape[:2]
+        x = frames[:, :, :3].flatten(0, 1).to(self.device, non_blocking=True)  # (B*T, 3, S, S)
+        with torch.autocast(self.device.type, enabled=False):  # its own dtype, whatever autocast the caller runs
+            tokens = self.vit(x, len(self.vit.layers) - 1)  # hidden_states[-2]: (B*T, 1 + g*g, D)
+        return tokens[:, 1:].reshape(B, T, g, g, -1)
+
+
+def valid_patches(video, patch):
+    """Which patch x patch squares are wholly inside the letterbox, in every frame: the release keeps a
+    teacher token where avg_pool(mask, 14) == 1. video (B, T, 3 or 4, S, S), channel 3 the mask ->
+    (B, S/patch, S/patch) bool; without a mask channel, every patch."""
+    B, T, C, S, _ = video.shape
+    if C == 3:
+        return torch.ones(B, S // patch, S // patch, dtype=torch.bool, device=video.device)
+    whole = F.avg_pool2d(video[:, :, 3].flatten(0, 1)[:, None].float(), patch) == 1  # (B*T, 1, g, g); sums are exact
+    return whole.view(B, T, S // patch, S // patch).all(1)
+
+
+def check_pairing(videos, teacher_videos, cfg, patch):
+    """The teacher's valid patches must be the student's valid LSD cells: the teacher's frames are made
+    from the same decoded frames (their letterbox box is exactly half the student's) and flip with them."""
+    student = valid_patches(videos, cfg.patch_size * cfg.lsd_window)  # (B, g, g)
+    teacher = valid_patches(teacher_videos, patch).to(student.device)
+    differ = (student != teacher).flatten(1).any(1)
+    if differ.any():
+        b = int(differ.nonzero()[0, 0])
+        raise ValueError(f"video {b} of the batch: the teacher's letterbox ({span(teacher[b])}) is not the "
+                         f"student's ({span(student[b])}): make both from the same decoded frames, flipped together")
+
+
+def span(valid):
+    """Where a (g, g) valid mask is, in words: "rows 0-15, columns 3-11"."""
+    rows, columns = valid.any(1).nonzero()[:, 0].tolist(), valid.any(0).nonzero()[:, 0].tolist()
+    return f"rows {rows[0]}-{rows[-1]}, columns {columns[0]}-{columns[-1]}" if rows else "no valid patch"
+
+
+def vit_teacher(path, cfg, device="cpu"):
+    """A ViTTeacher from the checkpoint directory `path`: config.json and model.safetensors or
+    pytorch_model.bin, sharded or not, of a CLIPVisionModel, CLIPVisionModelWithProjection or CLIPModel
+    (OpenAI's CLIP ViT-L/14 and LanguageBind's image tower have this layout), strictly loaded on device."""
+    if not path:
+        raise ValueError("--distill=vit needs --teacher=DIR: a local Hugging Face CLIP vision checkpoint "
+                         "(e.g. a ViT-L/14)")
+    path = Path(path)
+    vc = read_vit_config(path)
+    with torch.device("meta"):  # shapes only: every tensor is filled from the file, none initialised first
+        vit = ViT(vc)
+    vit = vit.to(teacher_dtype(device)).to_empty(device=device)
+    load_vit_weights(vit, path)
+    return ViTTeacher(vit, cfg)
+
+
+# Hugging Face's CLIPVisionConfig field -> (ViTConfig field, the value transformers takes when config.json
+# leaves the field out: CLIPVisionConfig's default, that of ViT-B/32).
+HF_VISION_FIELDS = {"hidden_size": ("width", 768), "num_hidden_layers": ("layers", 12),
+                    "num_attention_heads": ("heads", 12), "intermediate_size": ("mlp", 3072),
+                    "patch_size": ("patch", 32), "image_size": ("image", 224), "hidden_act": ("act", "quick_gelu"),
+                    "layer_norm_eps": ("eps", 1e-5)}
+
+
+def read_vit_config(path):
+    """The ViTConfig of a checkpoint directory: its config.json's vision_config (CLIPModel, LanguageBind)
+    or, without one, the file's own fields (CLIPVisionModel)."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no config.json in {path}: the teacher is a local Hugging Face CLIP "
+                                f"checkpoint directory")
+    try:
+        hf = json.loads(file.read_text())
+        hf = hf.get("vision_config", hf)
+        return ViTConfig(**{ours: hf.get(theirs, default) for theirs, (ours, default) in HF_VISION_FIELDS.items()})
+    except (ValueError, TypeError, AttributeError) as err:  # not JSON, not an object, or an impossible shape
+        raise CheckpointError(f"{file}: not a CLIP vision config: {err}") from None
+
+
+CLIP_TEXT_SIDE = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")  # a CLIPModel's other parts
+
+
+def load_vit_weights(vit, path):
+    """Fill a ViT from the checkpoint in the directory path, strictly. Hugging Face's names are ours under
+    `vision_model.` (CLIPModel; CLIPVisionModel before transformers 5), `embeddings.` and `encoder.`.
+    Temporal layers (LanguageBind's video tower) are refused: ViT runs every frame on its own."""
+    import weights  # safetensors: only a teacher from a file needs it
+
+    def tensors():
+        for file, key, tensor in weights.read_tensors(weights.weight_files(path)):
+            name = key.removeprefix("vision_model.")
+            # post_layernorm: not built (ViT's docstring); position_ids: a buffer older transformers saved
+            if key.startswith(CLIP_TEXT_SIDE) or name.startswith("post_layernorm.") or name.endswith("position_ids"):
+                continue
+            if ".temporal_" in name:
+                raise CheckpointError(
+                    f"{path / file}: {key!r} is temporal attention across frames, which LanguageBind's video tower "
+                    f"adds to every layer (temporal_embedding, temporal_attn, temporal_layer_norm1) and this "
+                    f"teacher does not model: use an image tower, e.g. OpenAI's CLIP ViT-L/14 or LanguageBind_Image")
+            yield file, key, name.removeprefix("embeddings.").removeprefix("encoder."), tensor
+    fill(vit.state_dict(), path, tensors(), "a CLIP vision tower")
+
+
+def fill(tensors, path, stream, what):
+    """Copy each (file, key, name, tensor) of stream into tensors[name] (a state_dict), strictly: a name
+    not there or seen twice, a shape that differs, or a tensor left unfilled is a CheckpointError."""
+    filled = set()
+    for file, key, name, tensor in stream:
+        where = Path(path) / file
+        if name not in tensors or name in filled:
+            raise CheckpointError(f"{where}: {'duplicate' if name in filled else 'unexpected'} key {key!r} for {what}")
+        if tensor.shape != tensors[name].shape:
+            raise CheckpointError(f"{where}: {key!r} has shape {tuple(tensor.shape)}, {what} expects "
+                                  f"{tuple(tensors[name].shape)}")
+        tensors[name].copy_(tensor)  # a state_dict's tensors are detached views; copy_ casts and moves
+        filled.add(name)
+    missing = [name for name in tensors if name not in filled]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) of {what} are not in the checkpoint, "
+                              f"e.g. {missing[:5]}")
+
+
+# ------------------------------------------------------------------------------------ the release's head
+
+# The release's VideoCompressor sits under this prefix with DistillHead's names (norm_layer.j.0/1,
+# input_layer, output_layer); it also holds a second reference to the teacher, teacher_layer.*.
+RELEASE_HEAD = "model.video_tower_compressor."
+
+
+def load_release_head(head, release_dir):
+    """Fill a DistillHead from a released Video-Panda checkpoint directory (jh-yi/Video-Panda-7B's
+    videopanda_prtr1 or videopanda_fitu), strictly, to go on training from it. Its head was made for the
+    release's decoder (32 layers: 9 taps) and teacher (width 1024): DistillHead(that cfg, 1024)."""
+    import weights
+    path = Path(release_dir)
+
+    def tensors():
+        for file, key, tensor in weights.read_tensors(weights.weight_files(path)):
+            if key.startswith(RELEASE_HEAD) and not key.startswith(RELEASE_HEAD + "teacher_layer."):
+                yield file, key, key.removeprefix(RELEASE_HEAD), tensor
+    fill(head.state_dict(), path, tensors(), "the distillation head")
