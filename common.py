@@ -10,6 +10,7 @@ import inspect
 import os
 import random
 import re
+import signal
 import socket
 import sys
 import time
@@ -193,7 +194,27 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-# ------------------------------------------------------------------------------------ one run per out_dir
+# ------------------------------------------------------------------------------------ runs
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM asks a run to stop after the current step, which it then saves; a
+    second Ctrl-C stops at once. Steps are never cut in half, so what is saved is always a whole step."""
+
+    def __init__(self):
+        self.asked = False
+        self.previous = {s: signal.signal(s, self.ask) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def ask(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nstopping after this step (Ctrl-C again to stop at once, without saving)", file=sys.stderr)
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 
 class RunLock:
     """One training run per out_dir. out_dir/run.lock holds an exclusive lock (flock) while the run

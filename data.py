@@ -458,6 +458,15 @@ class SyntheticQA:
         batch = collate(examples, pad_id=self.tokenizer.token_to_id("<pad>"))
         return batch | {"samples": [e["sample"] for e in examples]}
 
+    def batches(self, next_sample, batch_size, rank=0, world=1):
+        """Endless (batch, place) for training. Sample i is the same on every machine, so the next index is
+        the whole place: a step takes the next batch_size * world samples, process r the r-th batch_size of
+        them, and any number of processes can go on from a checkpoint's index."""
+        while True:
+            batch = self.batch(next_sample + rank * batch_size, batch_size)
+            next_sample += batch_size * world
+            yield batch, next_sample
+
 
 # --- scoring --------------------------------------------------------------------------------
 

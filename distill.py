@@ -14,7 +14,7 @@ tells the whole story.
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch import nn
 
 import data
 from common import CheckpointError
-from panda import VIDEO_PLACEHOLDER, patch_embed
+from panda import VIDEO_PLACEHOLDER, PatchEmbed
 
 
 class DistillHead(nn.Module):
@@ -96,6 +96,24 @@ def distill_loss(head, teacher, batch, hidden, model):
     with torch.no_grad():
         target = teacher(batch).to(dev)
     return cosine_loss(pred, target, valid)
+
+
+def setup(tc, model, ckpt, device):
+    """(tc, head, teacher) for train.py's options: the head and its frozen teacher, or None, None.
+    --distill=auto means the oracle on the synthetic task, the ViT of --teacher on real data."""
+    if tc.distill == "auto":
+        tc = replace(tc, distill=("vit" if tc.teacher else "") if tc.data else "oracle")
+    if tc.teacher and tc.distill != "vit" or tc.distill == "vit" and not tc.data:
+        raise ValueError("--teacher=DIR is the ViT that distils on real data (--data): with --distill=auto or vit")
+    if not tc.distill:
+        return tc, None, None
+    teacher, teacher_dim = make_teacher(tc.distill, model.cfg, path=tc.teacher, device=device)
+    head = DistillHead(model.cfg, teacher_dim).to(device)
+    if ckpt is not None and not tc.fsdp:
+        head.load_state_dict(ckpt["distill_head"])
+    elif ckpt is None and tc.init_from != "scratch" and is_release(tc.init_from):
+        load_release_head(head, tc.init_from)  # the release's trained head, to go on from
+    return tc, head, teacher
 
 
 def make_teacher(name, cfg, path="", device="cpu"):
@@ -198,7 +216,7 @@ class ViT(nn.Module):
     def __init__(self, vc):
         super().__init__()
         self.vc = vc
-        self.patch_embedding = nn.Conv2d(3, vc.width, vc.patch, vc.patch, bias=False)
+        self.patch_embedding = PatchEmbed(vc.width, vc.patch)  # the STAB's: a Conv2d computed as one matmul
         self.class_embedding = nn.Parameter(torch.randn(vc.width))
         self.position_embedding = nn.Embedding(vc.grid ** 2 + 1, vc.width)  # the class token's, then each patch's
         self.pre_layrnorm = nn.LayerNorm(vc.width, eps=vc.eps)  # sic: Hugging Face's spelling
@@ -207,7 +225,7 @@ class ViT(nn.Module):
     def forward(self, frames, n_layers=None):
         """frames (N, 3, S, S) -> the tokens after the first n_layers layers (all: None), (N, 1 + g*g,
         width), the class token first, then the patches row by row: Hugging Face's hidden_states[n_layers]."""
-        x = patch_embed(self.patch_embedding, frames.to(self.patch_embedding.weight.dtype))  # (N, g, g, width)
+        x = self.patch_embedding(frames.to(self.patch_embedding.weight.dtype))  # (N, g, g, width)
         x = x.flatten(1, 2)  # (N, g*g, width), row by row as Hugging Face's conv output flattens
         x = torch.cat([self.class_embedding.expand(len(x), 1, -1), x], 1) + self.position_embedding.weight
         x = self.pre_layrnorm(x)
@@ -392,6 +410,12 @@ def fill(tensors, path, stream, what):
 # The release's VideoCompressor sits under this prefix with DistillHead's names (norm_layer.j.0/1,
 # input_layer, output_layer); it also holds a second reference to the teacher, teacher_layer.*.
 RELEASE_HEAD = "model.video_tower_compressor."
+
+
+def is_release(path):
+    """Whether a checkpoint directory is a released Video-Panda one (config.json's model_type "videopanda")."""
+    import weights
+    return weights.read_config(Path(path))["model_type"] == "videopanda"
 
 
 def load_release_head(head, release_dir):

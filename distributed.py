@@ -178,11 +178,25 @@ def load_sharded(path, model, head, optimizer):
         set_model_state_dict(head, state["distill_head"])
 
 
+def whole_model(model, fsdp, rank0_only=False):
+    """The model itself, or under FSDP a whole plain copy, gathered (every process takes part): on every
+    process on its device, or with rank0_only on rank 0 alone in CPU memory (None elsewhere), which is how
+    a 7B model is exported. generate() cannot run on the sharded model itself: each block's forward is a
+    collective, and one process may stop generating (every answer finished) before another."""
+    if not fsdp:
+        return model
+    state = unsharded(model, rank0_only)
+    if state is None:
+        return None
+    import weights  # empty_model: no initialisation work (the gathered weights fill it), tied weights kept tied
+    copy = weights.empty_model(model.cfg, torch.float32, "cpu" if rank0_only else next(iter(state.values())).device,
+                               fresh_visual=False)
+    copy.load_state_dict(state)
+    return copy
+
+
 def unsharded(model, rank0_only=False):
-    """The full state_dict of an FSDP model, all-gathered (every process takes part): on every process,
-    or with rank0_only on rank 0 alone, in CPU memory (None elsewhere), which is how a 7B model is
-    exported. generate() cannot run on the sharded model itself: each block's forward is a collective,
-    and one process may stop generating (every answer finished) before another."""
+    """The full state_dict of an FSDP model, all-gathered: on every process, or on rank 0 alone (None elsewhere)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
     state = get_model_state_dict(model, options=options)

@@ -125,9 +125,9 @@ class PatchEmbed(nn.Conv2d):
     """Patch embedding (Eq. 1; the release's `patch_embedding`): every P x P patch of a frame is mapped
     linearly to C numbers, a Conv2d whose stride is its kernel, without bias."""
 
-    def __init__(self, cfg):
-        super().__init__(3, cfg.stab_dim, cfg.patch_size, cfg.patch_size, bias=False)
-        self.fast = cfg.fast
+    def __init__(self, dim, patch, fast=True):
+        super().__init__(3, dim, patch, patch, bias=False)
+        self.fast = fast
 
     def forward(self, frames):  # (N, 3, S, S) -> (N, p, p, C), channels last as the STAB keeps its tokens
         if not self.fast:
@@ -311,7 +311,7 @@ class STAB(nn.Module):
         super().__init__()
         self.cfg = cfg
         C = cfg.stab_dim
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(C, cfg.patch_size, cfg.fast)
         # Ablations (cfg.lste, gstra, fsra, split_tokens) leave their modules as None: no parameters.
         self.lste = LSTE(cfg) if cfg.lste else None
         self.gstra = GSTRA(cfg) if cfg.gstra else None

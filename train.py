@@ -16,11 +16,11 @@ shards a 7B model's training state over them. Ctrl-C stops after the current ste
 
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -51,7 +51,8 @@ class TrainConfig:
     grad_clip: float = 1.0      # clip the gradient norm to this; 0 = no clipping
     questions_per_clip: int = 8  # synthetic clips carry several question-answer turns: more signal per clip
     # distillation: loss = LM + distill_weight * (1 - cosine to a frozen teacher's per-cell features)
-    distill: str = "auto"       # auto: the oracle on the synthetic task, off on real data | oracle | "" (off)
+    distill: str = "auto"       # auto: oracle on the synthetic task; vit on real data with --teacher | "" (off)
+    teacher: str = ""           # a local CLIP vision checkpoint (ViT-L/14 at 224 px), the teacher on real data
     distill_weight: float = 1.0  # the release's weight
     # evaluation and checkpoints
     eval_every: int = 650       # held-out accuracy every this many steps (synthetic task)
@@ -78,7 +79,7 @@ STAGES = {  # Sec. 3.2 and the release's scripts: what trains after a pretrained
 # What may change when a run resumes: how long and how often, where and on what. Anything else must
 # be as the run began (its data order, its model, its rates); a different value is an error, not ignored.
 RESUMABLE = {"init_from", "out_dir", "max_steps", "eval_every", "eval_samples", "save_every", "max_new_tokens",
-             "device", "compile", "num_workers", "on_error", "export", "video_folder", "grad_checkpoint"}
+             "device", "compile", "num_workers", "on_error", "export", "video_folder", "grad_checkpoint", "teacher"}
 
 
 def lr_at(step, tc):
@@ -158,31 +159,7 @@ def resume(tc, tc_changes, cfg_changes, device, out):
     return model, common.read_tokenizer(out / "tokenizer.json"), replace(saved, **tc_changes), ckpt
 
 
-def with_distillation(tc, model, ckpt, device):
-    """(tc, head, teacher): the distillation head and its frozen teacher, or None, None."""
-    if tc.distill == "auto":
-        tc = replace(tc, distill="" if tc.data else "oracle")
-    if not tc.distill:
-        return tc, None, None
-    teacher, teacher_dim = distill.make_teacher(tc.distill, model.cfg)
-    head = distill.DistillHead(model.cfg, teacher_dim).to(device)
-    if ckpt is not None and not tc.fsdp:
-        head.load_state_dict(ckpt["distill_head"])
-    return tc, head, teacher
-
-
 # ------------------------------------------------------------------------------------ data and evaluation
-
-def synthetic_batches(tokenizer, cfg, tc, next_sample, rank, world):
-    """Endless (batch, place) of the synthetic task. Sample i is the same on every machine, so the
-    next index is the whole place: a micro-step takes the next batch_size * world samples, process r
-    the r-th batch_size of them, and any number of processes can go on from a checkpoint's index."""
-    stream = data.SyntheticQA(tokenizer, "train", cfg.n_frames, cfg.image_size, tc.questions_per_clip, cfg.grid)
-    while True:
-        batch = stream.batch(next_sample + rank * tc.batch_size, tc.batch_size)
-        next_sample += tc.batch_size * world
-        yield batch, next_sample
-
 
 @torch.no_grad()
 def evaluate(model, tokenizer, n_samples, device, split="heldout", shuffle=False, max_new_tokens=8, batch_size=100):
@@ -197,10 +174,9 @@ def evaluate(model, tokenizer, n_samples, device, split="heldout", shuffle=False
     for start_at in range(0, len(mine), batch_size):
         indices = mine[start_at:start_at + batch_size]
         samples = [data.make_sample(i, split, cfg.n_frames, cfg.image_size, cfg.grid) for i in indices]
+        prompts = [data.tokenize_conversation(tokenizer, data.SYNTHETIC, [(s.question, None)]) for s in samples]
         batch = data.collate([{"video": data.shuffle_frames(s.video, seed=i) if shuffle else s.video,
-                               **dict(zip(("input_ids", "labels"), data.tokenize_conversation(
-                                   tokenizer, data.SYNTHETIC, [(s.question, None)])))}
-                              for i, s in zip(indices, samples)])
+                               "input_ids": ids, "labels": labels} for i, s, (ids, labels) in zip(indices, samples, prompts)])
         answers = model.generate(batch["videos"].to(device), batch["input_ids"].to(device),
                                  batch["lengths"].to(device), max_new_tokens=max_new_tokens, eos_id=eos)
         records += [(s.family, s.answer, data.answer_text(tokenizer, ids, eos)) for s, ids in zip(samples, answers.tolist())]
@@ -214,7 +190,7 @@ def report(accuracy):
 
 # ------------------------------------------------------------------------------------ one step
 
-def forward_backward(model, head, teacher, micro, tc, device, world):
+def forward_backward(model, head, teacher, micro, tc, device, world, plain_model=None):
     """Forward and backward of one optimizer step's micro-batches; returns (loss, distill loss, tokens).
 
     The loss is normalised by the supervised tokens N of the whole step, of all micro-batches on all
@@ -224,7 +200,8 @@ def forward_backward(model, head, teacher, micro, tc, device, world):
         (1/W) * sum_r W * grad(S_r) / N  =  grad(sum_r S_r) / N,
     the gradient of the mean loss over the N tokens, as one process with the whole step computes it.
     The distillation term is a mean over each micro-batch: the average over processes is the mean
-    over the global micro-batch (the processes' batches are the same size)."""
+    over the global micro-batch (the processes' batches are the same size). plain_model: the model
+    itself when `model` wraps it (DDP, torch.compile), for the distillation's token positions."""
     n_supervised = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     n_supervised = distributed.all_sum([n_supervised], device)[0]
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
@@ -236,7 +213,7 @@ def forward_backward(model, head, teacher, micro, tc, device, world):
                          b["lengths"].to(device), reduction="sum", return_hidden=head is not None)
             if head is not None:  # + weight * (1 - cosine to the teacher), a mean over the step's micro-batches
                 loss, hidden = loss
-                distilled = distill.distill_loss(head, teacher, b, hidden, getattr(model, "module", model)) / len(micro)
+                distilled = distill.distill_loss(head, teacher, b, hidden, plain_model or model) / len(micro)
                 total_distill += distilled.item()
                 loss = loss * world / n_supervised + tc.distill_weight * distilled
             else:
@@ -266,45 +243,6 @@ def clip_and_check(optimizer, tc, step, loss, device):
     return norm
 
 
-# ------------------------------------------------------------------------------------ checkpoints
-
-def save(out, model, head, optimizer, run, tc, device):
-    """Write the run as it stands after run["step"] steps: ckpt.pt, or under --fsdp the sharded
-    folder ckpt_dcp/. Every process takes part (its random state, its place in the data, its shards)."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # FSDP: this process's shards
-    if distributed.all_sum([float(not all(torch.isfinite(p).all() for p in local))], device)[0]:
-        raise NonFiniteStep(f"step {run['step']}: the weights hold inf or NaN; the last checkpoint is kept")
-    state = dict(step=run["step"], data_place=distributed.gather(run["place"]), rng=distributed.gather(common.rng_state()),
-                 skipped=[m for part in distributed.gather(run["skipped"]) for m in part], loss=run["loss"],
-                 train_config=asdict(tc), model_config=asdict(run["cfg"]), template=run["template"],
-                 data_size=run["data_size"])
-    if tc.fsdp:
-        distributed.save_sharded(out / "ckpt_dcp", model, head, optimizer, state)
-    elif run["master"]:
-        common.save_checkpoint(out / "ckpt.pt", state | dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                                          distill_head=None if head is None else head.state_dict()))
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop after the current step, which is then saved;
-    a second Ctrl-C stops at once. Steps are never cut in half, so what is saved is a whole step."""
-
-    def __init__(self):
-        self.asked = False
-        self.previous = {s: signal.signal(s, self.ask) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def ask(self, signum, frame):
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-        tqdm.write("stopping after this step (Ctrl-C again to stop at once, without saving)")
-
-    def restore(self):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
 # ------------------------------------------------------------------------------------ the run
 
 def main(argv):
@@ -320,178 +258,187 @@ def main(argv):
                          "torchrun --standalone --nproc_per_node=N train.py ... (docs/DISTRIBUTED.md)")
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lock = common.RunLock(out)
-    error = ""
-    if rank == 0:
-        try:
-            lock.acquire()
-        except FileExistsError as err:
-            error = str(err)
-    if distributed.all_sum([float(bool(error))], device)[0]:  # every process stops if rank 0 could not lock
-        raise FileExistsError(error or f"{out} is in use by another run")
-    stop = StopRequest()
+    lock = common.RunLock(out).acquire() if rank == 0 else None  # if it fails, torchrun stops the others too
+    stop = common.StopRequest()  # Ctrl-C: finish the step, save it, say how to go on
     try:
-        train(tc, tc_changes, cfg_changes, device, rank, world, out, stop)
+        r = build(tc, tc_changes, cfg_changes, device, rank, world, out)
+        loop(r, stop)
+        if r.step < r.tc.max_steps:  # asked to stop
+            if r.tc.save_every:
+                save(r)
+            if r.master:
+                print(f"stopped after step {r.step}; " + (f"saved: go on with python train.py --init_from=resume "
+                                                          f"--out_dir={out}" if r.tc.save_every else "nothing saved"))
+            sys.exit(130)
+        finish(r)
     finally:
         stop.restore()
-        lock.release()
+        if lock:
+            lock.release()
 
 
-def train(tc, tc_changes, cfg_changes, device, rank, world, out, stop):
-    master = rank == 0
+def build(tc, tc_changes, cfg_changes, device, rank, world, out):
+    """Everything a run needs, in one namespace: the model and what trains it, the data, where it stands."""
     model, tokenizer, tc, ckpt = start(tc, tc_changes, cfg_changes, device, out)
-    if master:
+    r = SimpleNamespace(tc=tc, device=device, rank=rank, world=world, master=rank == 0, out=out, model=model,
+                        tokenizer=tokenizer, cfg=model.cfg, step=0, place=(0, 0) if tc.data else 0, skipped=[],
+                        loss=math.nan, template="vicuna_v1" if tc.data else "synthetic", dataset=None)
+    if r.master:
         common.write_atomically(out / "tokenizer.json", lambda f: f.write(tokenizer.to_str().encode()))
     # The synthetic task comes with a model from scratch in its own words; real data with a pretrained decoder.
-    train_decoder = STAGES[tc.stage]["train_decoder"] if tc.data else True
+    r.train_decoder = STAGES[tc.stage]["train_decoder"] if tc.data else True
     # Frozen, the decoder goes bf16: half the memory, and autocast computes in bf16 anyway. Not under
     # FSDP, whose root unit would then mix dtypes: its mixed-precision policy computes in bf16 instead.
-    if not train_decoder and device.type == "cuda" and not tc.fsdp:
+    if not r.train_decoder and device.type == "cuda" and not tc.fsdp:
         model.decoder.to(torch.bfloat16)
-    tc, head, teacher = with_distillation(tc, model, ckpt, device)
-    model.decoder.requires_grad_(train_decoder)  # before DDP or FSDP takes the model: both note what trains
+    r.tc, r.head, r.teacher = tc, head, teacher = distill.setup(tc, model, ckpt, device)
+    model.decoder.requires_grad_(r.train_decoder)  # before DDP or FSDP takes the model: both note what trains
     if world > 1 and device.type == "cuda":
         # The LSTE's BatchNorm normalises by statistics of the batch: with SyncBatchNorm those of the global
         # batch, gathered from all processes, as one process with the whole batch would compute them.
         # PyTorch syncs them on GPUs only: on CPUs every process normalises by its own batch's statistics.
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        r.model = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if tc.fsdp:
         distributed.shard(model, head, device)  # before the optimizer is made: sharding replaces the parameters
-    optimizer = make_optimizer(model, tc, train_decoder, head)
-    run = dict(step=0, place=(0, 0) if tc.data else 0, skipped=[], loss=math.nan, cfg=model.cfg, master=master,
-               template="vicuna_v1" if tc.data else "synthetic", data_size=None)
+    r.optimizer = make_optimizer(model, tc, r.train_decoder, head)
     if ckpt is not None:
-        restore(run, ckpt, out, model, head, optimizer, tc, rank, world)
+        restore(r, ckpt)
     if tc.data:
-        import video  # real data needs PyAV and Pillow; the synthetic run does not
-        dataset = video.VideoInstructionDataset(tc.data, tc.video_folder or ".", tokenizer, model.cfg, train=True,
-                                                on_error=tc.on_error, decode_threads=1)
-        check_dataset(dataset, tc, ckpt, world)
-        stream = video.batches(dataset, tc.batch_size, tc.seed, run["place"], tc.on_error, run["skipped"],
-                               tc.num_workers, rank, world)
-        run["data_size"] = len(dataset)
+        r.stream = real_batches(r, ckpt)
     else:
-        stream = synthetic_batches(tokenizer, model.cfg, tc, run["place"], rank, world)
-    train_model, train_head = distributed.wrap(model, head, device, tc.fsdp)
+        task = data.SyntheticQA(tokenizer, "train", r.cfg.n_frames, r.cfg.image_size, tc.questions_per_clip, r.cfg.grid)
+        r.stream = task.batches(r.place, tc.batch_size, rank, world)
+    r.train_model, r.train_head = distributed.wrap(model, head, device, tc.fsdp)
     if tc.compile:  # after DDP, as PyTorch advises: the compiled graphs are split at DDP's buckets, so that
-        train_model = torch.compile(train_model)  # the all-reduces still overlap the backward
-    n = model.num_params()
-    if master:
+        r.train_model = torch.compile(r.train_model)  # the all-reduces still overlap the backward
+    if r.master:
+        n = model.num_params()
+        processes = f" x {world} processes ({'FSDP' if tc.fsdp else 'DDP'})" if world > 1 else ""
+        trains = "everything" if r.train_decoder else "STAB + projector (decoder frozen)"
         print(f"model: {n['stab']:,} STAB + {n['projector']:,} projector + {n['decoder']:,} decoder parameters on "
-              f"{device}{f' x {world} processes (FSDP)' if tc.fsdp else f' x {world} processes (DDP)' if world > 1 else ''}; "
-              f"training {'everything' if train_decoder else 'STAB + projector (decoder frozen)'}"
-              f"{f' ({tc.stage})' if tc.data else ''}; distillation {tc.distill or 'off'}; "
-              f"steps {run['step']} -> {tc.max_steps}")
-    model.train()
-    bar = tqdm(total=tc.max_steps, initial=run["step"], dynamic_ncols=True, disable=not master)
-    t0, waited, tokens_seen = time.time(), 0.0, 0
-    while run["step"] < tc.max_steps and not distributed.all_sum([float(stop.asked)], device)[0]:
+              f"{device}{processes}; training {trains}{f' ({tc.stage})' if tc.data else ''}; distillation "
+              f"{tc.distill or 'off'}{f' ({tc.teacher})' if tc.teacher else ''}; steps {r.step} -> {tc.max_steps}")
+    return r
+
+
+def real_batches(r, ckpt):
+    import video  # real data needs PyAV and Pillow; the synthetic run does not
+    tc = r.tc
+    r.dataset = video.VideoInstructionDataset(tc.data, tc.video_folder or ".", r.tokenizer, r.cfg, train=True,
+                                              on_error=tc.on_error, decode_threads=1,
+                                              teacher_size=r.teacher.image_size if tc.distill == "vit" else 0)
+    if len(r.dataset) < r.world:
+        raise ValueError(f"{tc.data} has {len(r.dataset)} usable entries, fewer than the {r.world} processes")
+    if ckpt is not None and ckpt["data_size"] != len(r.dataset):
+        raise ValueError(f"{tc.data} has {len(r.dataset)} usable entries, the checkpoint's file had "
+                         f"{ckpt['data_size']}: its epoch and position would point at other samples")
+    return video.batches(r.dataset, tc.batch_size, tc.seed, r.place, tc.on_error, r.skipped, tc.num_workers,
+                         r.rank, r.world)
+
+
+def loop(r, stop):
+    """Train from r.step to max_steps, or until asked to stop: a step at a time, every process together."""
+    tc, optimizer = r.tc, r.optimizer
+    r.model.train()
+    bar = tqdm(total=tc.max_steps, initial=r.step, dynamic_ncols=True, disable=not r.master)
+    r.t0, r.waited, tokens_seen = time.time(), 0.0, 0
+    while r.step < tc.max_steps and not distributed.all_sum([float(stop.asked)], r.device)[0]:
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_at(run["step"], tc)
+            group["lr"] = group["base_lr"] * lr_at(r.step, tc)
         asked = time.time()
-        micro = [next(stream) for _ in range(tc.grad_accum)]
-        waited += time.time() - asked
-        loss, distilled, tokens = forward_backward(train_model, train_head, teacher, [b for b, _ in micro], tc,
-                                                   device, world)
-        clip_and_check(optimizer, tc, run["step"], loss, device)
+        micro = [next(r.stream) for _ in range(tc.grad_accum)]
+        r.waited += time.time() - asked
+        loss, distilled, tokens = forward_backward(r.train_model, r.train_head, r.teacher, [b for b, _ in micro], tc,
+                                                   r.device, r.world, r.model)
+        clip_and_check(optimizer, tc, r.step, loss, r.device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        run.update(step=run["step"] + 1, place=micro[-1][1], loss=loss)
+        r.step, r.place, r.loss = r.step + 1, micro[-1][1], loss
         tokens_seen += tokens
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                        tok_s=f"{tokens_seen / (time.time() - t0):.0f}", **({"distill": f"{distilled:.4f}"} if head else {}))
-        if run["step"] % tc.eval_every == 0 and run["step"] < tc.max_steps and not tc.data:  # the last comes below
-            accuracy = evaluate(plain(model, tc), tokenizer, tc.eval_samples, device, max_new_tokens=tc.max_new_tokens)
-            bar.write(f"step {run['step']}: loss {loss:.4f}, held-out exact match: {report(accuracy)}" if master else "")
-        if tc.save_every and (run["step"] % tc.save_every == 0 or run["step"] == tc.max_steps):
-            save(out, model, head, optimizer, run, tc, device)
+                        tok_s=f"{tokens_seen / (time.time() - r.t0):.0f}",
+                        **({"distill": f"{distilled:.4f}"} if r.head else {}))
+        if r.step % tc.eval_every == 0 and r.step < tc.max_steps and not tc.data:  # the last one is finish()'s
+            accuracy = evaluate(distributed.whole_model(r.model, r.tc.fsdp), r.tokenizer, tc.eval_samples, r.device, max_new_tokens=tc.max_new_tokens)
+            if r.master:
+                bar.write(f"step {r.step}: loss {loss:.4f}, held-out exact match: {report(accuracy)}")
+        if tc.save_every and (r.step % tc.save_every == 0 or r.step == tc.max_steps):
+            save(r)
     bar.close()
-    if run["step"] < tc.max_steps:  # asked to stop
-        if tc.save_every:
-            save(out, model, head, optimizer, run, tc, device)
-        if master:
-            print(f"stopped after step {run['step']}" + (f"; saved, go on with: python train.py --init_from=resume "
-                                                         f"--out_dir={out}" if tc.save_every else "; nothing saved"))
-        sys.exit(130)
-    finish(model, tokenizer, tc, run, out, device, dataset if tc.data else None)
-    if master:
-        memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" \
-            if device.type == "cuda" else ""  # of this process, i.e. per GPU under torchrun
-        share = waited / max(time.time() - t0, 1e-9)
-        hint = (f" (more than 20%: more --num_workers would keep the {device.type} busy)"
-                if share > 0.2 and tc.data else "")
-        written = (f"checkpoint: {out / ('ckpt_dcp' if tc.fsdp else 'ckpt.pt')}" if tc.save_every
-                   else "no checkpoint (--save_every=0)")
-        print(f"done in {time.time() - t0:.0f} s, {waited:.0f} s of it waiting for data{hint}{memory}; {written}")
 
 
-def restore(run, ckpt, out, model, head, optimizer, tc, rank, world):
+def restore(r, ckpt):
     """Put a resumed run back where its checkpoint left it: weights (sharded ones under --fsdp), the
     optimizer, the step, each process's place in the data and random state."""
-    if tc.fsdp:
-        distributed.load_sharded(distributed.checkpoint_folder(out / "ckpt_dcp"), model, head, optimizer)
+    if r.tc.fsdp:
+        distributed.load_sharded(distributed.checkpoint_folder(r.out / "ckpt_dcp"), r.model, r.head, r.optimizer)
     else:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        r.optimizer.load_state_dict(ckpt["optimizer"])
     places = ckpt["data_place"]
-    run.update(step=ckpt["step"], skipped=ckpt["skipped"] if rank == 0 else [])  # all processes' skips, counted once
-    if len(places) == world:  # each process saved its own random state and its place in its share of the data
-        common.set_rng_state(ckpt["rng"][rank])
-        run["place"] = tuple(places[rank]) if tc.data else places[rank]
-    elif tc.data:
+    r.step, r.skipped = ckpt["step"], ckpt["skipped"] if r.master else []  # all processes' skips, counted once
+    if len(places) == r.world:  # each process saved its own random state and its place in its share of the data
+        common.set_rng_state(ckpt["rng"][r.rank])
+        r.place = tuple(places[r.rank]) if r.tc.data else places[r.rank]
+    elif r.tc.data:
         raise ValueError(f"a run on --data resumes on as many processes as it was saved from ({len(places)}): "
                          f"each one's share of the samples depends on their number")
     else:  # the synthetic stream's index is the same for all processes: any number of them goes on from it
-        torch.manual_seed(tc.seed + rank + ckpt["step"])  # fresh random streams (dropout is all that draws)
-        run["place"] = places[0]
+        torch.manual_seed(r.tc.seed + r.rank + r.step)  # fresh random streams (dropout is all that draws)
+        r.place = places[0]
 
 
-def check_dataset(dataset, tc, ckpt, world):
-    if len(dataset) < world:
-        raise ValueError(f"{tc.data} has {len(dataset)} usable entries, fewer than the {world} processes")
-    if ckpt is not None and ckpt["data_size"] != len(dataset):
-        raise ValueError(f"{tc.data} has {len(dataset)} usable entries, the checkpoint's file had "
-                         f"{ckpt['data_size']}: its epoch and position would point at other samples")
+def save(r):
+    """Write the run as it stands after r.step steps: ckpt.pt, or under --fsdp the sharded folder
+    ckpt_dcp/. Every process takes part (its random state, its place in the data, its shards). Weights
+    holding inf or NaN are never written: the last checkpoint stays."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for g in r.optimizer.param_groups for p in g["params"]]
+    if distributed.all_sum([float(not all(torch.isfinite(p).all() for p in local))], r.device)[0]:
+        raise NonFiniteStep(f"step {r.step}: the weights hold inf or NaN; the last checkpoint is kept")
+    state = dict(step=r.step, data_place=distributed.gather(r.place), rng=distributed.gather(common.rng_state()),
+                 skipped=[m for part in distributed.gather(r.skipped) for m in part], loss=r.loss,
+                 train_config=asdict(r.tc), model_config=asdict(r.cfg), template=r.template,
+                 data_size=None if r.dataset is None else len(r.dataset))
+    if r.tc.fsdp:
+        distributed.save_sharded(r.out / "ckpt_dcp", r.model, r.head, r.optimizer, state)
+    elif r.master:
+        common.save_checkpoint(r.out / "ckpt.pt", state | dict(
+            model=r.model.state_dict(), optimizer=r.optimizer.state_dict(),
+            distill_head=None if r.head is None else r.head.state_dict()))
 
 
-def plain(model, tc):
-    """The model itself, or under --fsdp a whole copy of it (every process takes part in gathering)."""
-    if not tc.fsdp:
-        return model
-    copy = VideoPanda(model.cfg).to(next(model.parameters()).device)
-    copy.load_state_dict(distributed.unsharded(model))
-    return copy
-
-
-def finish(model, tokenizer, tc, run, out, device, dataset):
+def finish(r):
     """The end of a run: what on_error=skip left out (real data) or the final accuracies (synthetic,
-    also in out_dir/results.json), and --export."""
-    master = run["master"]
-    if dataset is not None:
-        skipped = [message for part in distributed.gather(run["skipped"]) for message in part]
-        if master:
+    also in out_dir/results.json), --export, and one line on time, data waits and memory."""
+    tc = r.tc
+    if r.dataset is not None:
+        skipped = [message for part in distributed.gather(r.skipped) for message in part]
+        if r.master:
             import video
-            video.report_skipped(skipped, dataset)
+            video.report_skipped(skipped, r.dataset)
     else:
-        final, results = plain(model, tc), {}
+        final, results = distributed.whole_model(r.model, tc.fsdp), {}
         for name, split, shuffle in (("heldout", "heldout", False), ("test", "test", False),
                                      ("heldout_shuffled", "heldout", True)):
-            results[name] = evaluate(final, tokenizer, tc.eval_samples, device, split, shuffle, tc.max_new_tokens)
-            if master:
+            results[name] = evaluate(final, r.tokenizer, tc.eval_samples, r.device, split, shuffle, tc.max_new_tokens)
+            if r.master:
                 print(f"{name}: {report(results[name])}")
-        if master:
-            common.write_atomically(out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
+        if r.master:
+            common.write_atomically(r.out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
     if tc.export:
-        import weights
-        whole = model
-        if tc.fsdp:  # gathered on rank 0, in CPU memory
-            state = distributed.unsharded(model, rank0_only=True)
-            if master:
-                whole = weights.empty_model(model.cfg, torch.float32, "cpu", fresh_visual=False)
-                whole.load_state_dict(state)
-        if master:
-            weights.save_pretrained(whole, tokenizer, tc.export)
+        import weights  # safetensors: only an export needs it
+        whole = distributed.whole_model(r.model, tc.fsdp, rank0_only=True)  # under FSDP, gathered on rank 0
+        if r.master:
+            weights.save_pretrained(whole, r.tokenizer, tc.export)
             print(f"exported to {tc.export} (weights.from_pretrained, or --init_from={tc.export} of the next stage)")
+    if r.master:
+        memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(r.device) / 2 ** 30:.1f} GiB" \
+            if r.device.type == "cuda" else ""  # of this process, i.e. per GPU under torchrun
+        waited = r.waited / max(time.time() - r.t0, 1e-9)
+        hint = " (over 20%: more --num_workers would keep the model busy)" if waited > 0.2 and tc.data else ""
+        written = f"checkpoint: {r.out / ('ckpt_dcp' if tc.fsdp else 'ckpt.pt')}" if tc.save_every \
+            else "no checkpoint (--save_every=0)"
+        print(f"done in {time.time() - r.t0:.0f} s, {r.waited:.0f} s of it waiting for data{hint}{memory}; {written}")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def test_student_valid_cells_are_the_teachers_valid_patches(height, width):
     student, teacher = video.letterbox(frames, 448, 14, 2)[None], video.letterbox(frames, 224, 14, 1)[None]
     assert torch.equal(student[:, :, 3, ::2, ::2], teacher[:, :, 3])  # the box, pixel for pixel
     stab = STAB(PandaConfig.preset("paper", stab_dim=16, stab_heads=2))  # the paper's geometry, a narrow STAB
-    cells = stab.valid_cells(student, 16, 16)  # None: every cell
+    cells = stab.valid_cells(student, 16)  # None: every cell
     cells = torch.ones(1, 16, 16, dtype=torch.bool) if cells is None else cells
     patches = valid_patches(teacher, 14)
     assert torch.equal(cells, patches)
