@@ -600,10 +600,12 @@ def save_tensors(file, tensors):
 
 
 def write_json(file, value):
+    """value as indented JSON, the way transformers writes config.json."""
     file.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def dtype_name(tensor):
+    """"bfloat16" for a torch.bfloat16 tensor: the name config.json records."""
     return str(tensor.dtype).removeprefix("torch.")
 
 
@@ -613,10 +615,14 @@ def replace_directory(path, overwrite, write):
     check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # same filesystem: renames are atomic
-    tmp.chmod(0o755)  # mkdtemp makes it private to its owner; an export is meant to be read by others
     old = tmp.with_name(tmp.name + "-old")
     try:
         write(tmp)
+        # An export is meant to be read by others, but mkdtemp makes the directory private to its owner, and so
+        # does safetensors each file it writes.
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
         if path.exists():
             os.replace(path, old)  # a directory cannot be renamed onto a non-empty one: move the old aside
         os.replace(tmp, path)
@@ -629,6 +635,7 @@ def replace_directory(path, overwrite, write):
 
 
 def check_target(path, overwrite):
+    """Refuse to replace anything but nothing, an empty directory or one of our exports, unless overwrite=True."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
     if not path.exists() or not any(path.iterdir()) or overwrite or (path / PANDA_CONFIG).is_file():

@@ -420,6 +420,8 @@ def test_hf_export_round_trips_bit_exactly(kind, dtype, tmp_path):
     files = {p.name for p in (tmp_path / "export").iterdir()}
     assert files == {"config.json", "model.safetensors", "panda_config.json", "panda_video.safetensors",
                      "tokenizer.json"}
+    assert (tmp_path / "export").stat().st_mode & 0o777 == 0o755  # readable by all, whatever the umask
+    assert {(tmp_path / "export" / file).stat().st_mode & 0o777 for file in files} == {0o644}
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     name = str(dtype).removeprefix("torch.")
     assert config["dtype"] == config["torch_dtype"] == name and config["hidden_size"] == 32

@@ -58,6 +58,7 @@ def load(path):
 
 
 def torch_dtype(name, where):
+    """The torch dtype called `name` (float32, bfloat16, float16), or a ValueError that names `where` it came from."""
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"{where}: dtype must be float32, bfloat16 or float16; got {name!r}")
