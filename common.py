@@ -157,14 +157,28 @@ def load_checkpoint(path, device="cpu", keys=("model", "model_config")):
     return state
 
 
+def uninitialised_model(cfg, dtype, device):
+    """VideoPanda(cfg) with storage but no initialisation work, for weights that a file or another model
+    fills: a 7B decoder is never randomly initialised only to be overwritten, nor held twice."""
+    from panda import VideoPanda
+    with torch.device("meta"):
+        model = VideoPanda(cfg)  # shapes only: no memory, no init work
+    model = model.to(dtype).to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty gives every parameter its own new storage, which unties them
+        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    return model
+
+
 def build_model(ckpt, path, device, weights=True, **overrides):
     """The VideoPanda a checkpoint describes (its model_config; overrides may change what does not
     change a weight's shape, e.g. grad_checkpoint), with its weights unless weights=False."""
     from panda import PandaConfig, VideoPanda
     try:
-        model = VideoPanda(PandaConfig(**(ckpt["model_config"] | overrides))).to(device)
-        if weights:
-            model.load_state_dict(ckpt["model"])
+        cfg = PandaConfig(**(ckpt["model_config"] | overrides))
+        if not weights:
+            return VideoPanda(cfg).to(device)  # to be filled from sharded files, which need initialised shapes
+        model = uninitialised_model(cfg, torch.float32, device)
+        model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as err:  # unknown config fields, impossible configs, shapes
         raise CheckpointError(f"{path}: its weights and model_config do not fit together: "
                               f"{' '.join(str(err).split())[:300]}") from None

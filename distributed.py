@@ -188,9 +188,8 @@ def whole_model(model, fsdp, rank0_only=False):
     state = unsharded(model, rank0_only)
     if state is None:
         return None
-    import weights  # empty_model: no initialisation work (the gathered weights fill it), tied weights kept tied
-    copy = weights.empty_model(model.cfg, torch.float32, "cpu" if rank0_only else next(iter(state.values())).device,
-                               fresh_visual=False)
+    copy = common.uninitialised_model(model.cfg, torch.float32,
+                                      "cpu" if rank0_only else next(iter(state.values())).device)
     copy.load_state_dict(state)
     return copy
 

@@ -1,13 +1,18 @@
 """Checkpoints in and out: Hugging Face Llama-family LLMs, the released Video-Panda-7B, and our own exports.
 
-    model, tokenizer = from_pretrained("path/to/local/dir")   # nothing is ever downloaded
-    save_pretrained(model, tokenizer, "out/my-export")
+    model, tokenizer = from_pretrained("path/to/local/dir")          # nothing is ever downloaded
+    save_pretrained(model, tokenizer, "out/my-export")                 # Hugging Face layout
+    save_pretrained(model, tokenizer, "out/videopanda-mine", layout="release")
 
-from_pretrained reads config.json and goes by its model_type:
-  llama, mistral, qwen2  a decoder-only LLM (Vicuna, Llama 2/3, TinyLlama, SmolLM, Mistral, Qwen2): its weights
-                         fill the decoder; the STAB and projector are new, initialised as their constructors do
-  videopanda             the official release (jh-yi/Video-Panda-7B: videopanda_fitu or videopanda_prtr1)
-  panda                  a directory written by save_pretrained
+from_pretrained goes by config.json's model_type, and by whether panda_config.json is there:
+  llama, mistral, qwen2   a decoder-only LLM (Vicuna, Llama 2/3, TinyLlama, SmolLM, Mistral, Qwen2): its weights fill
+                          the decoder; the STAB and projector are new, initialised as their constructors do
+    with panda_config.json  our Hugging Face-layout export: the STAB and projector come from panda_video.safetensors
+  videopanda              the release's layout: jh-yi/Video-Panda-7B (videopanda_fitu or videopanda_prtr1), or our
+                          export in that layout
+
+save_pretrained writes either layout (docs/checkpoints.md says which to choose for what). panda_config.json holds
+the PandaConfig fields that config.json does not: the video geometry, the STAB's widths, the ablation switches.
 
 Every load is strict: a key the checkpoint should not have, a key it lacks, or a tensor of the wrong shape is a
 CheckpointError naming the key. The only keys skipped are derived buffers and, in the release, the documented
@@ -16,26 +21,28 @@ duplicates and training-only weights (OFFICIAL_DROPPED, OFFICIAL_ALIASES).
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, fields, replace
+from itertools import chain
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 
-from panda import PandaConfig, VideoPanda
+import common
+from common import CheckpointError
+from panda import PandaConfig, VideoPanda, rope_inv_freq
 
 LLM_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_TYPES = LLM_TYPES + ("videopanda", "panda")
+SUPPORTED_TYPES = LLM_TYPES + ("videopanda",)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",  # looked for in this order
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint whose keys or shapes do not match the model it should fill."""
+PANDA_CONFIG = "panda_config.json"         # beside config.json in both layouts we write
+VIDEO_WEIGHTS = "panda_video.safetensors"  # the STAB and projector of the Hugging Face layout, under our names
+VIDEO_PREFIXES = ("stab.", "projector.")
 
 
 # ============================================================================================
@@ -104,12 +111,20 @@ def config_from_hf(hf, preset="paper", **overrides):
     return PandaConfig.preset(preset, **(decoder_fields(hf) | overrides))
 
 
-def saved_config(hf, file, **overrides):
-    saved = hf.get("panda_config", {})
+def read_saved_fields(path):
+    """The PandaConfig fields in panda_config.json, or None where there is no such file (a directory we did not
+    write). Fields this PandaConfig lacks are an error; fields it has and the file lacks take their defaults."""
+    file = path / PANDA_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        saved = json.loads(file.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{file}: not valid JSON: {err}") from None
     unknown = set(saved) - {f.name for f in fields(PandaConfig)}
     if unknown:
-        raise ValueError(f"{file}: panda_config has fields this PandaConfig does not know: {sorted(unknown)}")
-    return PandaConfig(**(saved | overrides))
+        raise CheckpointError(f"{file}: fields this PandaConfig does not know: {sorted(unknown)}")
+    return saved
 
 
 # ============================================================================================
@@ -168,7 +183,8 @@ OFFICIAL_ALIASES = {"model.vision_tower.": "model.video_tower.", "model.mm_proje
 
 
 def official_key_map(model):
-    """Every key of the release (spec F.2) that we load, built from our own module tree so the names are exact."""
+    """Every key of the release's state dict (VideoPandaLlamaForCausalLM) that we load, built from our own module
+    tree so that the names are exact."""
     table = {}
     for theirs, ours in OFFICIAL_STAB_MODULES.items():
         for name in model.stab.get_submodule(ours).state_dict():
@@ -259,7 +275,7 @@ def copy_checked(where, key, tensor, targets):
 
 def without_derived(stream, cfg):
     for file, key, tensor in stream:
-        if key.endswith("rotary_emb.inv_freq"):  # older transformers saved it; it follows from the config
+        if key.endswith("rotary_emb.inv_freq"):  # transformers 4.31 and older saved it; it follows from the config
             continue
         if cfg.tie_embeddings and key == "lm_head.weight":  # some tied checkpoints store the head anyway
             continue
@@ -292,11 +308,7 @@ def check_aliases(model, path, aliases, table):
 def empty_model(cfg, dtype, device, fresh_visual):
     """VideoPanda(cfg) with uninitialised storage: a 7B decoder is never randomly initialised only to be
     overwritten, and never held twice. With fresh_visual, the STAB and projector get their constructors' init."""
-    with torch.device("meta"):
-        model = VideoPanda(cfg)  # shapes only: no memory, no init work
-    model = model.to(dtype).to_empty(device=device)
-    if cfg.tie_embeddings:  # to_empty gives every parameter its own new storage, which unties them
-        model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
+    model = common.uninitialised_model(cfg, dtype, device)
     if fresh_visual:  # a donor with a one-token, zero-layer decoder runs the real STAB and projector constructors
         donor = VideoPanda(replace(cfg, n_layers=0, vocab_size=1))
         model.stab.load_state_dict(donor.stab.state_dict())
@@ -311,7 +323,7 @@ def read_tokenizer(path, tokenizer_path):
         if tokenizer_path:
             raise FileNotFoundError(f"tokenizer_path={tokenizer_path}: no tokenizer.json there")
         return None
-    return Tokenizer.from_file(str(file))
+    return common.read_tokenizer(file)
 
 
 # ============================================================================================
@@ -321,9 +333,9 @@ def read_tokenizer(path, tokenizer_path):
 def from_pretrained(path, dtype=None, device="cpu", preset="paper", tokenizer_path=None, **config_overrides):
     """Load a local checkpoint directory -> (VideoPanda in eval mode, tokenizers.Tokenizer or None).
 
-    dtype defaults to bfloat16 on CUDA and float32 elsewhere. For LLM checkpoints (and the release) the STAB and
-    video geometry come from `preset` ("paper": 8 frames of 448px, STAB width 1024), the decoder from config.json;
-    config_overrides (e.g. n_frames=8, grad_checkpoint=True) go last. For a panda export the saved config is used.
+    dtype defaults to bfloat16 on CUDA and float32 elsewhere. The decoder's shape comes from config.json; the rest of
+    the PandaConfig from panda_config.json where there is one (our exports), else from `preset` ("paper": 8 frames of
+    448px, STAB width 1024). config_overrides (e.g. n_frames=8, grad_checkpoint=True) go last.
 
     The tokenizer is tokenizer_path (a tokenizer.json, or a directory holding one), else <path>/tokenizer.json,
     else None. The release is tokenised with Vicuna-7B-v1.5's SentencePiece tokenizer and may ship no
@@ -337,42 +349,274 @@ def from_pretrained(path, dtype=None, device="cpu", preset="paper", tokenizer_pa
     path = Path(path)
     hf = read_config(path)
     kind = hf["model_type"]
-    if kind == "panda":
-        cfg = saved_config(hf, path / "config.json", **config_overrides)
-    else:
+    saved = read_saved_fields(path)
+    if saved is None:
+        if (path / VIDEO_WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path} has {VIDEO_WEIGHTS} but no {PANDA_CONFIG}, which says how to build "
+                                    f"the model it belongs to: copy both from the export")
         cfg = config_from_hf(hf, preset, **config_overrides)
+    else:
+        cfg = PandaConfig(**(saved | decoder_fields(hf, path / "config.json") | config_overrides))
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    model = empty_model(cfg, dtype, device, fresh_visual=kind in LLM_TYPES)
+    model = empty_model(cfg, dtype, device, fresh_visual=kind in LLM_TYPES and saved is None)
     stream = read_tensors(weight_files(path))
-    if kind in LLM_TYPES:
-        load_into(model, path, without_derived(stream, cfg), llm_key_map(cfg), fresh=("stab.", "projector."))
-    elif kind == "videopanda":
+    if kind == "videopanda":
         table, aliases = official_key_map(model), []
         load_into(model, path, official_stream(without_derived(stream, cfg), aliases), table)
         check_aliases(model, path, aliases, table)
+    elif saved is None:
+        load_into(model, path, without_derived(stream, cfg), llm_key_map(cfg), fresh=VIDEO_PREFIXES)
     else:
-        load_into(model, path, stream, {name: [name] for name in model_tensors(model)})
+        video = path / VIDEO_WEIGHTS
+        if not video.is_file():
+            raise FileNotFoundError(f"{path} has {PANDA_CONFIG} but no {VIDEO_WEIGHTS}, which holds the STAB and "
+                                    f"projector: copy both from the export")
+        table = llm_key_map(cfg) | {name: [name] for name in model_tensors(model) if name.startswith(VIDEO_PREFIXES)}
+        load_into(model, path, chain(without_derived(stream, cfg), read_tensors([video])), table)
     return model.eval(), read_tokenizer(path, tokenizer_path)
 
 
-def save_pretrained(model, tokenizer, path, overwrite=False):
-    """Write config.json, model.safetensors (our names, tied weights once) and tokenizer.json (when given).
-    The export is built in a temporary directory and renamed into place, so a reader finds the old export,
-    none, or the new one, never a mix. A non-empty directory that is not a panda export is only replaced
-    (with everything in it) when overwrite=True."""
-    path = Path(path)
+LAYOUTS = ("hf", "release")
+
+
+def save_pretrained(model, tokenizer, path, overwrite=False, layout="hf", family=None, max_shard_size="5GB"):
+    """Write `model` as a checkpoint directory, with tokenizer.json when a tokenizer is given.
+
+    layout="hf": the decoder as a standard checkpoint of its family (config.json; model.safetensors, or shards of at
+    most max_shard_size and model.safetensors.index.json), which AutoModelForCausalLM and Llama-family runtimes load
+    as they would the base LLM. Beside it, files they never open: panda_video.safetensors (the STAB and projector)
+    and panda_config.json. family: "llama", "mistral" or "qwen2"; None picks qwen2 for a decoder with q/k/v biases
+    and llama otherwise.
+    layout="release": the release's own layout (VideoPandaLlamaForCausalLM), for its evaluation scripts; a
+    ValueError lists anything in the model that the release's code cannot build.
+
+    Tensors keep their dtype: a bf16 model exports bf16. The export is built in a temporary directory and renamed
+    into place, so a reader finds the old export, none, or the new one, never a mix. A non-empty directory that is
+    not one of our exports is only replaced (with everything in it) when overwrite=True."""
+    if layout == "hf":
+        config, tensors, video = hf_export(model, family)
+    elif layout == "release":
+        if family not in (None, "llama"):
+            raise ValueError(f"family={family!r}: the release's layout holds a Llama decoder only")
+        config, tensors, video = *release_export(model), None
+    else:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    shard = shard_bytes(max_shard_size)
+    saved = {k: v for k, v in asdict(model.cfg).items() if k not in decoder_fields(config)}
+
+    def write(folder):
+        write_weights(folder, tensors, shard)
+        if video is not None:
+            save_tensors(folder / VIDEO_WEIGHTS, video)
+        write_json(folder / "config.json", config)
+        write_json(folder / PANDA_CONFIG, saved)
+        if tokenizer is not None:
+            tokenizer.save(str(folder / "tokenizer.json"))
+
+    replace_directory(Path(path), overwrite, write)
+
+
+# ============================================================================================
+# The Hugging Face layout
+# ============================================================================================
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Each family's switches for what panda's decoder lacks: biases other than Qwen2's on q/k/v, and a sliding window
+# (panda attends to all max_seq_len positions, so max_position_embeddings says how far the decoder reaches).
+FAMILY_SWITCHES = {"llama": {"attention_bias": False, "mlp_bias": False}, "mistral": {"sliding_window": None},
+                   "qwen2": {"use_sliding_window": False, "sliding_window": None}}
+
+
+def hf_export(model, family):
+    """(config.json, the decoder's tensors under the family's names, the STAB's and projector's under ours)."""
+    cfg = model.cfg
+    family = pick_family(cfg, family)
+    ours = {name: tensor.detach() for name, tensor in model_tensors(model).items()}
+    decoder = {key: ours[names[0]] for key, names in llm_key_map(cfg).items()}  # a tied lm_head is not written
+    video = {name: tensor for name, tensor in ours.items() if name.startswith(VIDEO_PREFIXES)}
+    return family_config(cfg, family, dtype_name(ours["decoder.embed_tokens.weight"])), decoder, video
+
+
+def pick_family(cfg, family):
+    """Qwen2 always has q/k/v biases, Llama and Mistral never: the biases decide unless the caller names a family
+    (Mistral: the decoder of a Mistral checkpoint, which is a Llama decoder without a sliding window here)."""
+    family = family or ("qwen2" if cfg.qkv_bias else "llama")
+    if family not in LLM_TYPES:
+        raise ValueError(f"family must be one of {', '.join(LLM_TYPES)}; got {family!r}")
+    if (family == "qwen2") != cfg.qkv_bias:
+        raise ValueError(f"family={family!r} does not fit a decoder {'with' if cfg.qkv_bias else 'without'} q/k/v "
+                         f"biases: qwen2 has them, llama and mistral do not")
+    return family
+
+
+def family_config(cfg, family, dtype):
+    """The decoder's config.json as its family's transformers config class writes it. The rope goes in as
+    transformers 4 wrote it (top-level rope_theta, rope_scaling): transformers 5 reads that form as well, while
+    readers of the older form would miss a rope_parameters entry and fall back to theta 10000."""
+    scaling = None
+    if cfg.rope_factor != 1.0:
+        scaling = {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+                   "high_freq_factor": cfg.rope_high_freq_factor,
+                   "original_max_position_embeddings": cfg.rope_original_max_len}
+    return {"architectures": [ARCHITECTURES[family]], "model_type": family,
+            **{theirs: getattr(cfg, ours) for theirs, ours in HF_FIELDS.items()},
+            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.dim_per_head, "hidden_act": "silu",
+            "tie_word_embeddings": cfg.tie_embeddings, "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+            "dtype": dtype, "torch_dtype": dtype,  # transformers 5's name for it, and transformers 4's
+            **FAMILY_SWITCHES[family]}
+
+
+# ============================================================================================
+# The release's layout
+# ============================================================================================
+
+# What the release's code fixes whatever config.json says: VideoTokenizer's constants, the video preprocessor
+# config its config.json names (448px, patch 14, LSD window 2), constants.py's CHUNK_SIZE, no ablation switches,
+# and transformers 4.31's Llama (no q/k/v biases, rope_theta fixed at 10000, no rope scaling in Llama 3's form).
+RELEASE_FIXED = {"image_size": 448, "patch_size": 14, "lsd_window": 2, "chunk_frames": 4, "lste_reduction": 1.5,
+                 "gstra_mlp_ratio": 4, "split_tokens": True, "fsra": True, "lsd": "attention", "lste": True,
+                 "gstra": True, "qkv_bias": False, "rope_theta": 10000.0, "rope_factor": 1.0}
+RELEASE_STAB_HEADS = {1024: 8, 1152: 8, 1408: 11}  # the STAB widths VideoTokenizer accepts, and its heads for each
+RELEASE_VIDEO_TOWER = "videopanda/config/videopanda-video-LB-patch14-anypixel-448"  # relative to the release's root
+RELEASE_VISION_TOWER = "videopanda/config/videopanda-vision-LB-patch14-anypixel-448"
+
+
+def release_export(model):
+    """(config.json, tensors) in the release's layout: its key names, GSTRA's q and kv packed back into one
+    in_proj, temporal_cls_token as (1, 1, C), the STAB and projector under both of their names, an idle lmhra2,
+    and each layer's rotary inv_freq, which transformers 4.31 keeps in the state dict: every key its model has."""
+    cfg = model.cfg
+    problems = release_problems(cfg)
+    if problems:
+        raise ValueError(f"the release's code cannot build this model: {'; '.join(problems)}")
+    ours = {name: tensor.detach() for name, tensor in model_tensors(model).items()}
+    tensors = {}
+    for key, names in official_key_map(model).items():
+        tensor = torch.cat([ours[n] for n in names]) if len(names) > 1 else ours[names[0]]
+        tensors[key] = tensor.view(1, 1, -1) if key in UNSQUEEZED else tensor
+    tensors |= idle_lmhra2(tensors)
+    for alias, original in OFFICIAL_ALIASES.items():  # copies, not views: a safetensors file holds no shared storage
+        tensors |= {alias + key[len(original):]: t.clone() for key, t in tensors.items() if key.startswith(original)}
+    embed = ours["decoder.embed_tokens.weight"]
+    tensors |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": rope_inv_freq(cfg).to(embed.dtype)
+                for i in range(cfg.n_layers)}
+    return release_config(cfg, dtype_name(embed)), tensors
+
+
+def release_problems(cfg):
+    """What in cfg the release's code could not build, one phrase each; empty when it can."""
+    problems = [f"{name}={getattr(cfg, name)!r} (the release has {value!r})"
+                for name, value in RELEASE_FIXED.items() if getattr(cfg, name) != value]
+    if RELEASE_STAB_HEADS.get(cfg.stab_dim) != cfg.stab_heads:
+        problems.append(f"stab_dim={cfg.stab_dim} with stab_heads={cfg.stab_heads} (the release builds widths 1024 "
+                        f"and 1152 with 8 heads, 1408 with 11)")
+    if cfg.dim_per_head * cfg.n_heads != cfg.d_model:
+        problems.append(f"head_dim={cfg.head_dim} (transformers 4.31's Llama has head_dim = hidden_size / heads)")
+    return problems
+
+
+def idle_lmhra2(tensors):
+    """The release's second LSTE branch, which its forward never calls but its state dict holds (so its code loads
+    strictly only with it). Written as a branch that was never trained and outputs zero: BatchNorm at PyTorch's
+    defaults (weight and running variance 1, the rest 0), every convolution zero. Not a copy of lmhra1: nothing
+    depends on these values, and a copy would suggest a second trained branch."""
+    first, ones = "model.video_tower.lmhra1.", ("pos_embed.0.weight", "pos_embed.0.running_var")
+    idle = {}
+    for key, tensor in tensors.items():
+        if key.startswith(first):
+            fill = torch.ones_like if key.endswith(ones) else torch.zeros_like
+            idle["model.video_tower.lmhra2." + key[len(first):]] = fill(tensor)
+    return idle
+
+
+def release_config(cfg, dtype):
+    """config.json as the release's VideoPandaLlamaForCausalLM reads it: a Llama config (transformers 4.31) plus
+    the fields its VideoPandaMetaModel, model/builder.py and evaluation scripts read. requires_video_distill is
+    false because the export holds no distillation head or teacher: the release's model then has exactly the keys
+    written here."""
+    return {"architectures": ["VideoPandaLlamaForCausalLM"], "model_type": "videopanda",
+            **{theirs: getattr(cfg, ours) for theirs, ours in HF_FIELDS.items()},
+            "num_key_value_heads": cfg.n_kv_heads, "hidden_act": "silu", "rope_scaling": None,
+            "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
+            "mm_video_tower": RELEASE_VIDEO_TOWER, "video_hidden_size": cfg.stab_dim,
+            "mm_vision_tower": RELEASE_VISION_TOWER, "mm_hidden_size": cfg.stab_dim,  # makes vision_tower an alias
+            "mm_projector_type": "mlp2x_gelu", "use_mm_proj": True,
+            "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "tune_mm_mlp_adapter": False,
+            "requires_video_distill": False, "requires_image_distill": False,
+            "video_tower_teacher": "LanguageBind/LanguageBind_Video_merge",  # read once distillation is switched on
+            "mm_vision_tower_teacher": "LanguageBind/LanguageBind_Image"}
+
+
+# ============================================================================================
+# Files
+# ============================================================================================
+
+SIZE_UNITS = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+
+
+def shard_bytes(size):
+    """max_shard_size in bytes: an int, or a string such as "5GB" (10^9 bytes, as transformers counts) or "2GiB"."""
+    if isinstance(size, int) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B|B)\s*", str(size), re.IGNORECASE)
+    if not match or int(match[1]) == 0:
+        raise ValueError(f"max_shard_size must be a positive number of bytes such as 5GB, 500MB or 2GiB; got {size!r}")
+    return int(match[1]) * SIZE_UNITS[match[2].upper()]
+
+
+def write_weights(folder, tensors, max_bytes):
+    """model.safetensors, or, once the tensors exceed max_bytes, model-0000i-of-0000n.safetensors shards and
+    model.safetensors.index.json (transformers' names). Shards are filled in key order; a shard exceeds max_bytes
+    only when one tensor alone does."""
+    shards, size = [[]], 0
+    for key, tensor in tensors.items():
+        n = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    if len(shards) == 1:
+        save_tensors(folder / "model.safetensors", tensors)
+        return
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        save_tensors(folder / name, {key: tensors[key] for key in keys})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def save_tensors(file, tensors):
+    """One safetensors file, copied to the CPU one file at a time. transformers reads a safetensors file only if its
+    metadata says "format": "pt"."""
+    save_file({key: t.detach().cpu().contiguous() for key, t in tensors.items()}, file, metadata={"format": "pt"})
+
+
+def write_json(file, value):
+    """value as indented JSON, the way transformers writes config.json."""
+    file.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def dtype_name(tensor):
+    """"bfloat16" for a torch.bfloat16 tensor: the name config.json records."""
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def replace_directory(path, overwrite, write):
+    """write(folder) fills a new temporary directory beside path, which is then renamed onto path: a reader finds
+    the old directory, none, or the new one, never a mix."""
     check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))  # same filesystem: renames are atomic
-    tmp.chmod(0o755)  # mkdtemp makes it private to its owner; an export is meant to be read by others
     old = tmp.with_name(tmp.name + "-old")
     try:
-        tensors = {name: t.detach().cpu().contiguous() for name, t in model_tensors(model).items()}
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(export_config(model.cfg, dtype), indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(str(tmp / "tokenizer.json"))
+        write(tmp)
+        # An export is meant to be read by others, but mkdtemp makes the directory private to its owner, and so
+        # does safetensors each file it writes.
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
         if path.exists():
             os.replace(path, old)  # a directory cannot be renamed onto a non-empty one: move the old aside
         os.replace(tmp, path)
@@ -385,29 +629,10 @@ def save_pretrained(model, tokenizer, path, overwrite=False):
 
 
 def check_target(path, overwrite):
+    """Refuse to replace anything but nothing, an empty directory or one of our exports, unless overwrite=True."""
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} exists and is not a directory")
-    if not path.exists() or not any(path.iterdir()) or overwrite:
-        return
-    try:  # a previous panda export may be replaced without asking
-        if json.loads((path / "config.json").read_text()).get("model_type") == "panda":
-            return
-    except (OSError, ValueError):
-        pass
-    raise FileExistsError(f"{path} is a non-empty directory that is not a panda export; pass overwrite=True to "
-                          f"replace it and everything in it")
-
-
-def export_config(cfg, dtype):
-    """model_type "panda" with the whole PandaConfig (what from_pretrained reads back), plus the decoder in
-    Llama's terms so that the file describes itself. q/k/v biases, if any, are only in panda_config (qkv_bias):
-    Llama's attention_bias would also mean one on o_proj."""
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_factor != 1.0:
-        rope |= {"rope_type": "llama3", "factor": cfg.rope_factor, "low_freq_factor": cfg.rope_low_freq_factor,
-                 "high_freq_factor": cfg.rope_high_freq_factor,
-                 "original_max_position_embeddings": cfg.rope_original_max_len}
-    return {"model_type": "panda", "architectures": ["VideoPanda"], "panda_config": asdict(cfg),
-            **{theirs: getattr(cfg, ours) for theirs, ours in HF_FIELDS.items()},
-            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.dim_per_head, "hidden_act": "silu",
-            "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope, "dtype": dtype}
+    if not path.exists() or not any(path.iterdir()) or overwrite or (path / PANDA_CONFIG).is_file():
+        return  # nothing there, or one of our exports, which may be replaced without asking
+    raise FileExistsError(f"{path} is a non-empty directory that is not a panda export (it has no {PANDA_CONFIG}); "
+                          f"pass overwrite=True to replace it and everything in it")
