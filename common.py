@@ -149,7 +149,7 @@ def load_checkpoint(path, device="cpu", keys=("model", "model_config")):
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch.load raises many kinds; all of them mean "not a checkpoint we can read"
         reason = "it holds objects other than tensors and plain data, which could run code when loaded" \
-            if "weights only load failed" in str(err).lower() else str(err).strip().splitlines()[0]
+            if "weights only load failed" in str(err).lower() else (str(err).strip() or type(err).__name__).splitlines()[0]
         raise CheckpointError(f"{path}: refused, not a readable panda checkpoint: {reason}") from None
     if not (isinstance(state, dict) and set(keys) <= state.keys()):
         raise CheckpointError(f"{path}: not a panda checkpoint (it lacks {' and '.join(map(repr, keys))}; "

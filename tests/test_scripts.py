@@ -148,6 +148,32 @@ def test_eval_writes_predictions_and_prints_both_accuracies(name, synthetic_run,
     assert "exact match: " in out and "contains the answer: " in out
 
 
+def test_eval_that_answers_nothing_fails_and_leaves_the_predictions_file_as_it_was(synthetic_run, videos, tmp_path):
+    pred_out = tmp_path / "preds.json"
+    pred_out.write_text("[{\"a good\": \"earlier result\"}]")
+    args = write_qa_files(tmp_path, videos)
+    with pytest.raises(SystemExit, match="error: .*not one of its 4 questions could be answered .*is left as it was"):
+        common.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={pred_out}", "--on_error=skip",
+                                 "--num_workers=0", "--device=cpu", *args[:2], f"--video_folder={tmp_path}"])
+    assert pred_out.read_text() == "[{\"a good\": \"earlier result\"}]"
+
+
+@pytest.mark.parametrize("bad", ["empty", "the question file", "a directory", "under a file"])
+def test_eval_refuses_bad_inputs_before_answering_anything(bad, synthetic_run, videos, tmp_path):
+    args = write_qa_files(tmp_path, videos)
+    pred_out = {"empty": tmp_path / "p.json", "the question file": tmp_path / "q.json",
+                "a directory": tmp_path, "under a file": tmp_path / "q.json" / "p.json"}[bad]
+    if bad == "empty":
+        (tmp_path / "q.json").write_text("[]")
+    before = (tmp_path / "q.json").read_text()
+    expected = {"empty": "no questions to answer", "the question file": "is one of the input files",
+                "a directory": "is a directory", "under a file": "cannot be written"}[bad]
+    with pytest.raises(SystemExit, match=expected):
+        common.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={pred_out}", "--num_workers=0",
+                                 "--device=cpu", *args])
+    assert (tmp_path / "q.json").read_text() == before
+
+
 def test_eval_on_error_raise_names_the_missing_video(synthetic_run, videos, tmp_path):
     with pytest.raises(SystemExit, match=r"error: sample 'q4': video 'ghost' resolves to no file"):
         common.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={tmp_path / 'p.json'}", "--batch_size=4",
