@@ -433,9 +433,7 @@ class Attention(nn.Module):
         cache: this layer's (keys, values) buffers of a KVCache, written at `slots`; with a mask (B, 1, 1,
         slots) the queries attend over the whole buffers, the mask alone saying what each row sees (decoding)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.d).transpose(1, 2)  # (B, n_heads, L, d)
-        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.d).transpose(1, 2)  # (B, n_kv_heads, L, d)
-        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.d).transpose(1, 2)
+        q, k, v = (t.view(B, L, -1, self.d).transpose(1, 2) for t in self.project(x))  # (B, heads, L, d) each
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -446,6 +444,9 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+
+    def project(self, x):  # q, k, v (B, L, heads * d); inference.py fuses the three matmuls into one
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class MLP(nn.Module):
@@ -478,8 +479,7 @@ class KVCache:
     change, so a compiled decode step can replay one CUDA graph per token (as gpt-fast does)."""
 
     def __init__(self, cfg, batch, slots, dtype, device):
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.dim_per_head)
-        self.slots = slots
+        shape, self.slots = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.dim_per_head), slots
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: slots not written yet are masked,
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # and never NaN
 
@@ -630,13 +630,12 @@ class VideoPanda(nn.Module):
             if step == max_new_tokens - 1 or eos_id is not None and done.all():
                 return
             visible[:, L + step] = True  # the new token's slot
-            emb = self.decoder.embed_tokens(token[:, None]).to(x.dtype)
-            positions, mask = (seq_len + step)[:, None], visible[:, None, None, :]
-            logits = self.decode_step(emb, positions, mask, cache, slots[L + step, None])
+            logits = self.decode_step(token, seq_len + step, visible, cache, slots[L + step, None])
 
-    def decode_step(self, emb, positions, mask, cache, slots):
-        """One new token per row, embedded (B, 1, D) -> next-token logits (B, V); the same shapes every step."""
-        return self.decoder.lm_head(self.decoder(emb, positions, mask, cache, slots)[:, -1])
+    def decode_step(self, token, positions, visible, cache, slots):
+        """New tokens (B,) at positions (B,) -> next-token logits (B, V); the same shapes at every step."""
+        emb = self.decoder.embed_tokens(token[:, None]).to(cache.k.dtype)
+        return self.decoder.lm_head(self.decoder(emb, positions[:, None], visible[:, None, None], cache, slots)[:, -1])
 
 
 def sample_token(logits, temperature=0.0, top_k=None, generator=None):

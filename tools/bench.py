@@ -18,6 +18,7 @@ GPU times are medians of CUDA-event timings after warm-up, with inputs rotated s
 sit in the L2 cache. The tests only check that this runs: timings are never asserted.
 """
 
+import copy
 import gc
 import json
 import math
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, wherever this runs from
 import common  # noqa: E402
+import inference  # noqa: E402
 import panda  # noqa: E402
-from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, KVCache, PandaConfig, VideoPanda  # noqa: E402
+from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig, VideoPanda  # noqa: E402
 
 SECTIONS = ("stab", "vit", "decode", "train")
 RELEASED_STAB_MS = {1: 18.7, 4: 44.0, 16: 170.0}  # the release's STAB + projector, measured on one H100, eager bf16
@@ -563,58 +565,51 @@ def bench_decode(ctx):
             profile(ctx, "time to first token (eager): STAB + projector + prefill",
                     lambda: next(model.stream(video, ids, max_new_tokens=1)), (), steps=2)
         if ctx.compile_ok() and ctx.time_left() > 100:
-            # gpt-fast's recipe: one preallocated cache (static addresses, so CUDA graphs may write
-            # into it), the decode step compiled whole and replayed as a CUDA graph.
-            cache = KVCache(cfg, 1, L + n_new, ctx.dtype, ctx.device)
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
-            # gpt-fast also lets inductor tune its own kernels for the batch-1 matrix-vector products.
-            torch._inductor.config.coordinate_descent_tuning = True
-            for mode in ("reduce-overhead", "default"):
-                try:
-                    model.decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
-                    decode_variant(ctx, f"compiled ({mode})", model, video, ids, n_new, cache, runs, 2, **extra)
-                    if not a.quick:
-                        profile(ctx, f"decode steps, compiled ({mode})",
-                                lambda: list(model.stream(video, ids, max_new_tokens=4, cache=cache)), (), steps=1)
-                    break
-                except Exception as e:
-                    if ctx.time_left() < 90:
-                        break
-                    ctx.log(f"  compiled decode ({mode}) failed: {type(e).__name__}: {str(e)[:300]}")
-                finally:
-                    del model.decode_step  # back to the plain method
-            torch._inductor.config.coordinate_descent_tuning = False
-            del cache
-
-        if ctx.compile_ok() and ctx.time_left() > 40:
-            # Time to first token with the STAB compiled and each decoder block compiled (regional
-            # compilation: one graph serves all 32 identical blocks).
-            if ctx.encode_compiled is None:
-                ctx.encode_compiled = torch.compile(model.encode_videos, dynamic=False)
-            model.encode_videos = ctx.encode_compiled
-            for block in model.decoder.layers:
-                block.compile(dynamic=False)
-            try:
-                ttft = []
-                for i in range(2 + runs):
-                    clock = Clock(ctx.cuda).start()
-                    next(model.stream(video, ids, max_new_tokens=1))
-                    ttft.append(clock.stop())
-                    ctx.sync()
-                ctx.add(section="decode", name="compiled STAB + compiled blocks, first token only",
-                        ttft_ms=statistics.median(c.ms() for c in ttft[2:]), tok_s=None, **extra)
-            except Exception as e:
-                ctx.log(f"  compiled prefill failed: {type(e).__name__}: {str(e)[:300]}")
-            finally:
-                del model.encode_videos
-                for block in model.decoder.layers:
-                    block._compiled_call_impl = None
+            fused = inference.fuse(copy.deepcopy(model))  # q/k/v and gate/up each one matmul
+            compiled_decode(ctx, "compiled, fused", fused, video, ids, n_new, L, runs, extra)
+            first_token(ctx, fused, video, ids, runs, extra)
+            del fused
+            if ctx.compile_ok() and ctx.time_left() > 0.6 * a.budget:  # what fusing brings
+                compiled_decode(ctx, "compiled, not fused", model, video, ids, n_new, L, runs, extra)
     if a.compile:
         torch._dynamo.reset()  # drop compiled graphs and CUDA-graph memory pools before training
         ctx.encode_compiled = None
     del video
     free_memory()
+
+
+def compiled_decode(ctx, name, model, video, ids, n_new, L, runs, extra):
+    """Tokens/s with the decode step compiled into a CUDA graph (inference.compile_decoding)."""
+    try:
+        cache = inference.compile_decoding(model, 1, L + n_new)
+        decode_variant(ctx, name, model, video, ids, n_new, cache, runs, 2, **extra)
+        if not ctx.args.quick:
+            profile(ctx, f"decode steps, {name}", lambda: list(model.stream(video, ids, max_new_tokens=4, cache=cache)),
+                    (), steps=1)
+    except Exception as e:
+        failed(ctx, f"decode, {name}", e)
+    finally:
+        del model.decode_step  # back to the plain method
+        torch._inductor.config.coordinate_descent_tuning = False
+
+
+def first_token(ctx, model, video, ids, runs, extra):
+    """Time to first token with the STAB and each decoder block compiled (regional compilation: one
+    graph serves all the identical blocks); the prefill is a few large matmuls, bound by compute."""
+    model.encode_videos = torch.compile(model.encode_videos, dynamic=False)
+    for block in model.decoder.layers:
+        block.compile(dynamic=False)
+    try:
+        ttft = []
+        for _ in range(2 + runs):
+            clock = Clock(ctx.cuda).start()
+            next(model.stream(video, ids, max_new_tokens=1))
+            ttft.append(clock.stop())
+            ctx.sync()
+        ctx.add(section="decode", name="compiled STAB + compiled blocks, fused, first token only",
+                ttft_ms=statistics.median(c.ms() for c in ttft[2:]), tok_s=None, **extra)
+    except Exception as e:
+        failed(ctx, "compiled prefill", e)
 
 
 # ============================================================================================

@@ -1,0 +1,75 @@
+"""Answering at the card's limit: the same decoder maths with fewer, larger matmuls, and the decode step
+compiled into one CUDA graph per token (gpt-fast's recipe).
+
+    inference.fuse(model)                     # q/k/v and gate/up each one matmul, in place
+    step = inference.compile_decoding(model)  # then model.generate(..., cache=step.cache) as usual
+
+Decoding one token at batch 1 reads every weight once: it is bound by memory bandwidth, and what costs
+beyond that is kernels (each one a launch and a pass too small to fill the card). Three projections of
+the same input as one matmul read the input once and launch one kernel; a CUDA graph replays a token's
+kernels without the CPU. The checkpoint's names and shapes do not change: fusing happens after loading,
+on a model that only answers (its state_dict has the fused names: save the unfused model).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from panda import Attention, KVCache
+
+
+def fused_linear(linears):
+    """One Linear whose outputs are the given Linears' outputs, concatenated: the same sums, one matmul."""
+    fused = nn.Linear(linears[0].in_features, sum(lin.out_features for lin in linears),
+                      bias=linears[0].bias is not None, device=linears[0].weight.device, dtype=linears[0].weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+    return fused
+
+
+class FusedAttention(Attention):
+    """panda.Attention with its q, k and v projections as one matmul (Attention.project)."""
+
+    def __init__(self, attn):
+        nn.Module.__init__(self)
+        self.n_heads, self.n_kv_heads, self.d, self.o_proj = attn.n_heads, attn.n_kv_heads, attn.d, attn.o_proj
+        self.qkv_proj = fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+
+    def project(self, x):
+        return self.qkv_proj(x).split(self.sizes, -1)
+
+
+class FusedMLP(nn.Module):
+    """panda.MLP with its gate and up projections as one matmul."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = fused_linear([mlp.gate_proj, mlp.up_proj]), mlp.down_proj
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU, as panda.MLP
+
+
+def fuse(model):
+    """Fuse every decoder block's q/k/v and gate/up projections, in place; returns the model."""
+    for block in model.decoder.layers:
+        block.self_attn, block.mlp = FusedAttention(block.self_attn), FusedMLP(block.mlp)
+    return model
+
+
+def compile_decoding(model, batch=1, slots=None, mode="reduce-overhead"):
+    """Compile model.decode_step (one token per row) for a KV cache of `slots` positions (default: the
+    context), kept at a fixed address so that the CUDA graph can write into it; returns the cache, to
+    pass to generate() and stream(). reduce-overhead replays one CUDA graph per token; inductor tunes its
+    own kernels for the batch-1 matrix-vector products (coordinate descent, as gpt-fast does)."""
+    param = next(model.decoder.parameters())
+    cache = KVCache(model.cfg, batch, slots or model.cfg.max_seq_len, param.dtype, param.device)
+    torch._dynamo.mark_static_address(cache.k)
+    torch._dynamo.mark_static_address(cache.v)
+    torch._inductor.config.coordinate_descent_tuning = True
+    model.decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
+    return cache
