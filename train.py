@@ -79,7 +79,8 @@ STAGES = {  # Sec. 3.2 and the release's scripts: what trains after a pretrained
 # What may change when a run resumes: how long and how often, where and on what. Anything else must
 # be as the run began (its data order, its model, its rates); a different value is an error, not ignored.
 RESUMABLE = {"init_from", "out_dir", "max_steps", "eval_every", "eval_samples", "save_every", "max_new_tokens",
-             "device", "compile", "num_workers", "on_error", "export", "video_folder", "grad_checkpoint", "teacher"}
+             "device", "compile", "num_workers", "on_error", "export", "video_folder", "grad_checkpoint", "fast",
+             "teacher"}
 
 
 def lr_at(step, tc):

@@ -345,3 +345,16 @@ def test_a_tokenizer_larger_than_the_embedding_is_an_error(tmp_path):
 def test_random_export_needs_a_folder_of_videos(tmp_path):
     with pytest.raises(ValueError, match="expected a folder with video files"):
         random_export.main([f"--out={tmp_path / 'random'}", f"--videos={tmp_path}", "--preset=nano"])
+
+
+def test_the_synthetic_run_needs_none_of_the_real_video_or_checkpoint_packages(tmp_path):
+    """train.py and sample.py on the synthetic task with PyAV, Pillow, imageio and safetensors made
+    unimportable: the tiny run needs only torch, numpy, tokenizers and tqdm."""
+    block = ("import sys\nfor name in ('av', 'PIL', 'imageio', 'safetensors'):\n    sys.modules[name] = None\n"
+             "import runpy\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    for script, options in (("train.py", NANO + [f"--out_dir={tmp_path}"]),
+                            ("sample.py", [f"--out_dir={tmp_path}", "--video=synthetic:2", "--max_new_tokens=2",
+                                           "--device=cpu"])):
+        result = subprocess.run([sys.executable, "-c", block, script, *options], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
