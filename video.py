@@ -5,34 +5,42 @@ that cannot be used (--on_error: raise, or skip and count).
     frames, info = read_video("clip.mp4", 8)         # (8, H, W, 3) uint8, sampled as the release does
     video = frames_for_model(frames, cfg)            # (8, 4, 448, 448): letterboxed, with the mask channel
 
-Pixels are decoded by PyAV (FFmpeg's own demuxers and decoders) through imageio's pyav plugin; Pillow
-resizes. The synthetic task (data.py) needs none of this.
+Pixels are decoded by PyAV (FFmpeg's own demuxers and decoders), seeking to the keyframe before each
+sampled frame; Pillow resizes. docs/video.md tells how frames are found, which files are refused and
+why, and what a loader worker delivers per second. The synthetic task (data.py) needs none of this.
 """
 
+import bisect
 import json
 import math
 import warnings
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
-import imageio.v3 as iio
 import numpy as np
 import torch
-from imageio.core.request import InitializationError
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import CLIP_MEAN, ChatTemplate, collate, normalize_frames, tokenize_conversation
+from data import CLIP_MEAN, CLIP_STD, ChatTemplate, collate, tokenize_conversation
 from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 LETTERBOX_FILL = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104): normalises to about 0
+TEACHER_PATCH = 14  # the release's teacher is a ViT with 14 px patches
+# Codecs whose frames paint over the previous picture although every packet is marked a keyframe:
+# decoding from the middle gives wrong pixels, so these are always read front to back.
+DRAWS_OVER_PREVIOUS = {"gif", "apng", "webp"}
+# NORMALIZED[c, v]: the normalised value of channel c at uint8 level v, (v / 255 - mean) / std in float32
+NORMALIZED = (torch.arange(256.0)[None] / 255 - torch.tensor(CLIP_MEAN)[:, None]) / torch.tensor(CLIP_STD)[:, None]
 
 
 class VideoError(ValueError):
-    """A video that cannot be used: missing, empty, corrupt, truncated, no video stream, no frames."""
+    """A video that cannot be used: missing, empty, corrupt, truncated, no video stream, too few frames."""
 
 
 class AnnotationError(ValueError):
@@ -52,36 +60,114 @@ def check_video_file(path):
     return path
 
 
-def probe_video(path):
-    """Frame count, frame rate and size from the container, without decoding a single frame.
-
-    mp4, mov, avi and gif headers store the frame count. WebM/Matroska store none (PyAV says 0),
-    so there we count the video packets by demuxing: 3 ms for the 720 frames of the test webm.
-    """
+@contextmanager
+def open_video(path, threads=0):
+    """(container, its first video stream), opened by PyAV, decoding with `threads` threads (0: FFmpeg's
+    choice). Whatever is raised inside the with-block becomes a VideoError naming the file and the
+    exception: broken files make PyAV raise AttributeError, UnicodeDecodeError and more besides FFmpeg's
+    own errors, and under --on_error=skip only a VideoError is a skip rather than the end of the run."""
     path = check_video_file(path)
     try:
-        with av.open(str(path)) as container:
+        # metadata that is not UTF-8 (a title in Latin-1) is no reason to refuse the pixels
+        with av.open(str(path), metadata_errors="replace") as container:
             if not container.streams.video:
                 found = ", ".join(stream.type for stream in container.streams) or "no streams"
                 raise VideoError(f"{path}: expected a video stream, found {found}")
             stream = container.streams.video[0]
-            n_header = stream.frames
-            if n_header > 0:
-                n_total, source = n_header, "header"
-            else:
-                n_total, source = count_packets(container, stream), "packets"
-            info = {"path": str(path), "n_total": n_total, "n_header": n_header, "count_source": source,
-                    "fps": frames_per_second(container, stream, n_total), "codec": stream.codec_context.name,
-                    "width": stream.codec_context.width, "height": stream.codec_context.height}
-    except av.FFmpegError as err:
-        raise VideoError(f"{path}: cannot be read as a video (corrupt, truncated or not a video): {err}") from err
-    if n_total == 0:
-        raise VideoError(f"{path}: the video stream holds no frames")
+            if stream.codec_context is None:
+                raise VideoError(f"{path}: the video stream has no codec description (a file cut inside its header?)")
+            stream.codec_context.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
+            yield container, stream
+    except VideoError:
+        raise
+    except Exception as err:  # a broken file can make PyAV raise almost anything: see the docstring
+        raise VideoError(f"{path}: cannot be read as a video (corrupt, truncated or not a video): "
+                         f"{type(err).__name__}: {err}") from err
+
+
+@dataclass
+class FrameIndex:
+    """What one pass over a video's packets tells, without decoding a frame.
+
+    pts: every frame's presentation timestamp, in presentation order: frame n of a front-to-back
+    decode (the n-th frame, as the release's decord reader numbers them) is the one with timestamp
+    pts[n], so B-frames, open GOPs and variable frame rates need no special case. keyframes: the keyframes' timestamps, in order. hidden: packets the container
+    marks as not to be shown (cut by an edit list). no_seek: why frames cannot be found by seeking in
+    this file, None where they can."""
+    pts: list
+    keyframes: list
+    hidden: int
+    no_seek: str | None
+
+
+def index_frames(container, stream):
+    """The FrameIndex of a freshly opened container: one demux pass, which reads the file but decodes nothing."""
+    pts, keyframes, hidden, starts_on_keyframe = [], [], 0, None
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the empty packet at the end, which tells the decoder to empty itself
+            continue
+        if packet.is_discard:
+            hidden += 1
+            continue
+        if starts_on_keyframe is None:
+            starts_on_keyframe = packet.is_keyframe
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keyframes.append(packet.pts)
+    if stream.codec_context.name in DRAWS_OVER_PREVIOUS:
+        no_seek = f"{stream.codec_context.name} frames paint over the previous ones"
+    elif None in pts:
+        no_seek = "packets without timestamps"
+    elif len(set(pts)) < len(pts):
+        no_seek = "packets that share a timestamp"
+    elif not starts_on_keyframe:
+        no_seek = "the stream does not start on a keyframe"
+    else:
+        no_seek = None
+        pts.sort()
+        keyframes.sort()
+    return FrameIndex(pts, keyframes, hidden, no_seek)
+
+
+def describe_video(path, container, stream):
+    """(info, FrameIndex) of a freshly opened container; info is what probe_video returns."""
+    index = index_frames(container, stream)
+    n_header, n_total = stream.frames, len(index.pts)
+    info = {"path": str(path), "n_total": n_total, "n_header": n_header, "count_source": "packets",
+            # what the container promises: its header's count (MKV and WebM have none) less the hidden packets
+            "n_expected": max(n_total, n_header - index.hidden if n_header > 0 else 0),
+            "fps": frames_per_second(container, stream, n_total), "codec": stream.codec_context.name,
+            "width": stream.codec_context.width, "height": stream.codec_context.height,
+            "decoding": "seeking" if index.no_seek is None else f"front to back: {index.no_seek}"}
+    info["shortfall"] = require_enough_frames(info, n_total, "in the file")
+    return info, index
+
+
+def probe_video(path):
+    """What a video holds, without decoding a frame: info with "n_total" (frames, counted from the packets),
+    "n_header" (the header's count, 0 where the container stores none), "n_expected" (what the container
+    promises), "shortfall" (None, or the account of missing frames), "fps", "codec", "width", "height"
+    (as stored, before any turn) and "decoding" (how read_video finds frames in it)."""
+    with open_video(path) as (container, stream):
+        info, _ = describe_video(path, container, stream)
     return info
 
 
-def count_packets(container, stream):
-    return sum(1 for packet in container.demux(stream) if packet.size > 0)  # the last one is an empty flush
+def require_enough_frames(info, n_usable, how):
+    """The rule for a file that holds or decodes fewer frames than its container promises (docs/video.md):
+    none, a single one, or fewer than half is a VideoError. Otherwise returns the account for a warning,
+    e.g. "clip.mp4: 20 frames by the container, 15 in the file" (None when no frame is missing), and the
+    caller samples from the frames there are. how: "in the file", or "decoded" and why decoding stopped."""
+    n_expected, path = info["n_expected"], info["path"]
+    if n_expected == 0:
+        raise VideoError(f"{path}: the video stream holds no frames")
+    if n_usable >= n_expected:
+        return None
+    account = f"{path}: {n_expected} frames by the container, {n_usable} {how}"
+    if n_usable <= 1 or 2 * n_usable < n_expected:
+        raise VideoError(f"{account}: fewer than half, too few to sample from")
+    return account
 
 
 def frames_per_second(container, stream, n_frames):
@@ -135,76 +221,135 @@ def indices_with_repetition(n, T):
 
 
 def read_video(path, n_frames=8, threads=0):
-    """T = n_frames sampled RGB frames of a video file, decoded once, front to back.
+    """T = n_frames sampled frames of a video file, RGB and upright as a player shows them.
 
-    Returns (frames uint8 (T, H, W, 3), info) with info["indices"] the sampled frame numbers,
-    info["n_total"] the frame count they were sampled from, info["fps"], and the header facts.
-    threads: FFmpeg decoding threads, 0 = FFmpeg's choice (pass 1 or 2 under many DataLoader workers).
+    Returns (frames uint8 (T, H, W, 3), info): info as probe_video's, with "indices" the sampled frame
+    numbers (frame n is the n-th frame of a front-to-back decode) and "n_total" the frame count they
+    were sampled from. Each sampled frame is found by seeking to the keyframe at or before it and
+    decoding forward; files that cannot seek (GIFs, packets without timestamps), or where seeking does
+    not find every frame, are decoded front to back, which gives the same frames. A file with fewer
+    frames than its container promises is sampled from those there are, with a warning, or refused
+    (require_enough_frames). threads: FFmpeg decoding threads, 0 = FFmpeg's choice (1 in DataLoader workers).
     """
-    info = probe_video(path)
-    indices = sample_frame_indices(info["n_total"], info["fps"], n_frames)
-    frames, _ = decode_frames_at(path, indices, threads)
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be at least 1, got {n_frames}")
+    with open_video(path, threads) as (container, stream):
+        info, index = describe_video(path, container, stream)
+        indices = sample_frame_indices(info["n_total"], info["fps"], n_frames)
+        frames = decode_by_seeking(container, stream, index, indices) if index.no_seek is None else {}
+    if index.no_seek is None and len(frames) < len(set(indices)):
+        info["decoding"] = "front to back: seeking did not find every sampled frame"
     if len(frames) < len(set(indices)):
-        # Decoding ended, or FFmpeg gave up, before the last sampled frame: the count overclaims (an
-        # mp4 cut short after its index, packets that hold no picture). Sample again over the frames
-        # that do decode rather than return fewer than T, and say so.
-        n_decoded, stopped_by = count_decoded_frames(path, threads)
-        promise = f"{path}: {info['n_total']} frames by the {info['count_source']} count"
-        why = f" ({stopped_by})" if stopped_by else ""
-        if n_decoded == 0:
-            raise VideoError(f"{promise}, but none decodes{why}")
-        warnings.warn(f"{promise}, but only {n_decoded} decode{why}; sampling from those")
-        info.update(n_total=n_decoded, count_source="decoded", decode_stopped_by=stopped_by)
-        indices = sample_frame_indices(n_decoded, info["fps"], n_frames)
-        frames, _ = decode_frames_at(path, indices, threads)
-        if len(frames) < len(set(indices)):
-            raise VideoError(f"{path}: {n_decoded} frames decoded on one pass, fewer on the next")
+        frames, n_decoded, stopped_by = decode_in_order(path, indices, threads)
+        if len(frames) < len(set(indices)):  # decoding stopped before the last sampled frame
+            how = "decoded" + (f" ({stopped_by})" if stopped_by else "")
+            info.update(n_total=n_decoded, count_source="decoded",
+                        shortfall=require_enough_frames(info, n_decoded, how))
+            indices = sample_frame_indices(n_decoded, info["fps"], n_frames)
+            frames, _, _ = decode_in_order(path, indices, threads)
+            if len(frames) < len(set(indices)):
+                raise VideoError(f"{path}: {n_decoded} frames decoded on one pass, fewer on the next")
+    if info["shortfall"]:
+        warnings.warn(f"{info['shortfall']}; sampling from those")
     info["indices"] = indices
-    return np.stack([frames[i] for i in indices]), info  # (T, H, W, 3) uint8
+    return stack_frames(path, frames, indices), info  # (T, H, W, 3) uint8
 
 
-# ValueError: a stream without a single decodable frame has no pixel format to build a filter with
-DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, InitializationError)
-
-
-def decode_frames_at(path, indices, threads=0):
-    """({index: uint8 (H, W, 3)} for the distinct indices, None), or fewer frames and FFmpeg's
-    error (or None for a clean end) when the video stops early.
-
-    FFmpeg's select filter drops every other frame before the RGB conversion, which would
-    otherwise cost as much as the decoding (3x slower in all on cockatoo.mp4), and we stop at the
-    last wanted frame, so at most one RGB frame per sampled index is ever in memory.
-    """
-    wanted = sorted(set(indices))
-    keep = {"expr": "+".join(f"eq(n,{i})" for i in wanted)}  # n: the decoded frame's number, from 0
-    frames = {}
+def decode_by_seeking(container, stream, index, indices):
+    """{frame number: upright RGB frame} for the distinct sampled numbers: for each, seek to the last
+    keyframe at or before it (unless decoding already stands between the two) and decode forward to it,
+    converting only the sampled frames to RGB. Returns fewer frames where the file does not behave as
+    its packets promise (a seek that lands elsewhere, a frame the decoder drops, a decoding error)."""
+    frames, decoded, last = {}, iter(()), None
     try:
-        with iio.imopen(path, "r", plugin="pyav") as video:
-            # rgb24 also turns GIFs' palette/bgra frames into RGB
-            decoded = video.iter(format="rgb24", filter_sequence=[("select", keep)],
-                                 thread_type="AUTO", thread_count=threads)
-            for index, frame in zip(wanted, decoded):
-                frames[index] = frame  # (H, W, 3) uint8
-                if index == wanted[-1]:
+        for n in sorted(set(indices)):
+            k = bisect.bisect_right(index.keyframes, index.pts[n])
+            if k == 0:  # frame n shows before the first keyframe (leading frames that open the stream)
+                return frames
+            if last is None or index.keyframes[k - 1] > last:  # decoding stands before the keyframe: jump there
+                decoded = frames_from_keyframe(container, stream, index, index.keyframes[k - 1])
+            for m, frame in decoded:
+                last = index.pts[m]
+                if m == n:
+                    frames[n] = upright(frame)
                     break
-    except DECODE_ERRORS as err:
-        return frames, f"{type(err).__name__}: {err}"
-    return frames, None
+            else:  # the stream ended, or stopped agreeing with its packets, before frame n
+                return frames
+    except av.FFmpegError:
+        pass  # a packet that does not decode: the front-to-back pass will find where, and say so
+    return frames
 
 
-def count_decoded_frames(path, threads=0):
-    """(number of frames that decode before the end or the first FFmpeg error, that error or None).
-    The same decoder and threads as decode_frames_at, each frame shrunk to 1 grey pixel before it
-    is handed over, so counting costs about one decode: the fallback when counts lie."""
-    n_decoded = 0
-    try:
-        with iio.imopen(path, "r", plugin="pyav") as video:
-            for _ in video.iter(format="gray", filter_sequence=[("scale", "1:1")],
-                                thread_type="AUTO", thread_count=threads):
+def frames_from_keyframe(container, stream, index, keyframe):
+    """(frame number, decoded frame) in presentation order, from the keyframe with timestamp `keyframe`
+    on. Ends early, without an error, where the file stops agreeing with its index: the seek lands off
+    a keyframe or after this one, or a decoded frame is not the next one its packets promised."""
+    container.seek(keyframe, stream=stream, backward=True, any_frame=False)  # also empties the decoder
+    start = number = None
+    for packet in container.demux(stream):
+        if start is None and packet.size:  # where the seek landed: this keyframe, or an earlier one
+            if not packet.is_keyframe or packet.pts is None or packet.pts > keyframe:
+                return
+            start, number = packet.pts, bisect.bisect_left(index.pts, packet.pts)
+        for frame in stream.codec_context.decode(packet):  # the last, empty packet drains the decoder
+            if frame.pts is not None and frame.pts < start:
+                continue  # an open GOP's leading frames refer to frames before the keyframe: not ours
+            if number == len(index.pts) or frame.pts != index.pts[number]:
+                return
+            yield number, frame
+            number += 1
+
+
+def decode_in_order(path, indices, threads=0):
+    """Front to back, as a player decodes: ({frame number: upright RGB frame} for the distinct sampled
+    numbers, frames decoded, the error that stopped decoding or None). Decoding stops after the last
+    sampled frame, or where the file ends or fails: then the count is every frame that decodes."""
+    wanted, last = set(indices), max(indices)
+    frames, n_decoded, stopped_by = {}, 0, None
+    with open_video(path, threads) as (container, stream):
+        try:
+            for frame in container.decode(stream):
+                if n_decoded in wanted:
+                    frames[n_decoded] = upright(frame)
                 n_decoded += 1
-    except DECODE_ERRORS as err:
-        return n_decoded, f"{type(err).__name__}: {err}"
-    return n_decoded, None
+                if n_decoded > last:
+                    break
+        except av.FFmpegError as err:
+            stopped_by = f"{type(err).__name__}: {err}"
+    return frames, n_decoded, stopped_by
+
+
+def upright(frame):
+    """A decoded frame as players show it: RGB uint8 (H, W, 3), turned and mirrored as its display
+    matrix says (phones store portrait video as landscape pictures plus a quarter turn in the mp4/mov
+    track header; FFmpeg hands that matrix to every frame).
+
+    Fork safety: PyAV ties a frame whose side_data was read into a reference cycle, freed only by the
+    garbage collector, possibly in a DataLoader worker forked later. A thread pool freed there waits
+    forever for threads the fork did not copy, so the conversion runs on one thread (no pool), and
+    side_data is read only where frame.rotation (which makes no cycle) says the matrix turns."""
+    rgb = frame.to_ndarray(format="rgb24", threads=1)  # (H, W, 3); GIFs' palette/bgra frames become RGB too
+    if frame.rotation == 0:  # no matrix, or one that does not turn (one that only mirrors top to bottom is left as is)
+        return rgb
+    a, b, _, c, d = np.frombuffer(bytes(frame.side_data.get("DISPLAYMATRIX")), dtype=np.int32)[:5].tolist()
+    # ISO/IEC 14496-12's matrix shows the coded pixel (x, y) at (a x + c y, b x + d y), plus a shift.
+    # With a = d = 0 it is a quarter turn (the shown x comes from the coded y); any angle that is not a
+    # multiple of 90 degrees is taken to the nearest one.
+    if abs(b) + abs(c) > abs(a) + abs(d):
+        rgb, x_sign, y_sign = rgb.transpose(1, 0, 2), c, b
+    else:
+        x_sign, y_sign = a, d
+    return np.ascontiguousarray(rgb[::-1 if y_sign < 0 else 1, ::-1 if x_sign < 0 else 1])
+
+
+def stack_frames(path, frames, indices):
+    """The sampled frames {number: (H, W, 3)} as one uint8 array (T, H, W, 3), in the order of indices;
+    a VideoError if their sizes differ (a stream whose picture size changes midway)."""
+    sizes = sorted({frame.shape[:2] for frame in frames.values()})
+    if len(sizes) > 1:
+        found = ", ".join(f"{width}x{height}" for height, width in sizes)
+        raise VideoError(f"{path}: the picture size changes within the video ({found}); re-encode it at one size")
+    return np.stack([frames[n] for n in indices])  # (T, H, W, 3) uint8
 
 
 # --- geometry: letterbox with mask, or square crop -----------------------------------
@@ -238,21 +383,30 @@ def letterbox_box(height, width, canvas=448, patch=14, window=2):
 def letterbox(frames, canvas=448, patch=14, window=2):
     """uint8 frames (T, H, W, 3) -> float32 (T, 4, canvas, canvas): normalised RGB + a 0/1 mask.
 
-    As the release's resize2require_video: each frame is resized straight to the valid box (bicubic, Pillow's default and what
-    the release gets), pasted on a (122, 116, 104) canvas, and the whole canvas is normalised;
-    the mask (1 on the pasted box) is appended after normalisation, as channel 3, unnormalised.
+    As the release's resize2require_video: each frame is resized straight to the valid box (bicubic,
+    Pillow's default and what the release gets) and pasted on a (122, 116, 104) canvas, the canvas
+    is normalised, and the mask (1 on the box) follows as channel 3, unnormalised. Only the box's
+    pixels are normalised one by one; the padding is one known colour, written as its normalised value.
     """
     check_frames(frames)
     T, height, width, _ = frames.shape
     top, left, box_h, box_w = letterbox_box(height, width, canvas, patch, window)
-    pixels = np.empty((T, canvas, canvas, 3), dtype=np.uint8)  # (T, S, S, 3)
-    pixels[:] = LETTERBOX_FILL
+    resized = np.empty((T, box_h, box_w, 3), dtype=np.uint8)  # (T, h, w, 3)
     for t in range(T):
-        resized = Image.fromarray(frames[t]).resize((box_w, box_h), Image.Resampling.BICUBIC)
-        pixels[t, top:top + box_h, left:left + box_w] = np.asarray(resized)
-    mask = torch.zeros(T, 1, canvas, canvas)  # (T, 1, S, S)
-    mask[:, :, top:top + box_h, left:left + box_w] = 1.0
-    return torch.cat([normalize_frames(pixels), mask], dim=1)  # (T, 4, S, S)
+        resized[t] = np.asarray(Image.fromarray(frames[t]).resize((box_w, box_h), Image.Resampling.BICUBIC))
+    out = torch.empty(T, 4, canvas, canvas)  # (T, 4, S, S)
+    out[:, :3] = NORMALIZED[[0, 1, 2], list(LETTERBOX_FILL)][:, None, None]  # each channel's fill value
+    out[:, 3] = 0.0
+    out[:, :3, top:top + box_h, left:left + box_w] = normalized(resized)
+    out[:, 3, top:top + box_h, left:left + box_w] = 1.0
+    return out
+
+
+def normalized(pixels):
+    """uint8 RGB (T, H, W, 3) -> float32 (T, 3, H, W) normalised with CLIP's mean and std: the values
+    data.normalize_frames computes, bit for bit, looked up rather than computed for every pixel."""
+    channels = torch.from_numpy(pixels).permute(3, 0, 1, 2)  # (3, T, H, W), a view
+    return torch.stack([torch.take(NORMALIZED[c], channels[c].long()) for c in range(3)], dim=1)  # (T, 3, H, W)
 
 
 def resize_center_crop(frames, size):
@@ -268,7 +422,7 @@ def resize_center_crop(frames, size):
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
     crops = np.stack([np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BICUBIC))
                       [top:top + size, left:left + size] for frame in frames])  # (T, size, size, 3)
-    return normalize_frames(crops)
+    return normalized(crops)
 
 
 def frames_for_model(frames, cfg):
@@ -389,6 +543,11 @@ class VideoTextDataset(Dataset):
     """What the instruction and QA datasets share: a video file -> the tensor a model with PandaConfig
     cfg takes (frames_for_model), flips in training, the prompt's ids and labels, bad entries.
 
+    teacher_size > 0 adds "teacher_video" to each item: the same decoded frames letterboxed on a
+    teacher_size canvas with 14 px patches and one patch per block (the release's teacher layout, 224
+    for its 448 px student), for a distillation teacher. Its valid box is the student's scaled down,
+    and in training it flips with the student's clip (the release flips the two independently).
+
     A bad annotation entry is an AnnotationError when the file is read (on_error="raise") or left out
     and listed in .invalid_entries (on_error="skip"). A video that cannot be used never raises in
     __getitem__: the item is {"id", "skipped": reason}, which collate_video_batch lists in
@@ -398,12 +557,14 @@ class VideoTextDataset(Dataset):
     strings and a tokenizers.Tokenizer, both picklable, so DataLoader workers fork or spawn fine."""
 
     def __init__(self, video_folder, tokenizer, template, cfg, *, train=False, flip_prob=0.5, on_error="raise",
-                 max_text_tokens=4096, decode_threads=0):
+                 max_text_tokens=4096, decode_threads=0, teacher_size=0):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if teacher_size < 0 or teacher_size % TEACHER_PATCH:
+            raise ValueError(f"teacher_size must be 0 (no teacher) or a multiple of {TEACHER_PATCH}, got {teacher_size}")
         self.video_folder, self.tokenizer, self.template, self.cfg = Path(video_folder), tokenizer, template, cfg
         self.train, self.flip_prob, self.on_error = train, flip_prob, on_error
-        self.max_text_tokens, self.decode_threads = max_text_tokens, decode_threads
+        self.max_text_tokens, self.decode_threads, self.teacher_size = max_text_tokens, decode_threads, teacher_size
         self.samples, self.invalid_entries = [], []  # invalid_entries: reasons, under on_error="skip"
 
     def parse_all(self, entries, parse, path):
@@ -431,15 +592,18 @@ class VideoTextDataset(Dataset):
         except (VideoError, AnnotationError) as err:
             return {"id": self.samples[index]["id"], "skipped": str(err)}
 
-    def load_video(self, sample):
+    def load_videos(self, sample):
+        """{"video": (T, C, S, S)} of a sample, and "teacher_video" (T, 4, t, t) with teacher_size t."""
         path = resolve_video(self.video_folder, sample["video"], sample["id"])
         frames, _ = read_video(path, self.cfg.n_frames, self.decode_threads)  # (T, H, W, 3) uint8
-        video = frames_for_model(frames, self.cfg)  # (T, C, S, S)
+        videos = {"video": frames_for_model(frames, self.cfg)}  # (T, C, S, S)
+        if self.teacher_size:
+            videos["teacher_video"] = letterbox(frames, self.teacher_size, TEACHER_PATCH, 1)  # (T, 4, t, t)
         # torch's RNG, not numpy's: DataLoader reseeds torch in each worker, numpy's state is forked as is.
         # The mask channel flips with the frames, so the valid box stays where the pixels are.
         if self.train and torch.rand(()) < self.flip_prob:
-            video = video.flip(-1)
-        return video
+            videos = {key: clip.flip(-1) for key, clip in videos.items()}
+        return videos
 
     def tokenize(self, sample, turns):
         ids, labels = tokenize_conversation(self.tokenizer, self.template, turns)
@@ -454,7 +618,8 @@ class VideoTextDataset(Dataset):
 class VideoInstructionDataset(VideoTextDataset):
     """Video-ChatGPT / Valley instruction data (the release's training format): a JSON list of {"id", "video",
     "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt", "value": ...}, ...]}.
-    Items: {"id", "video" float32 (T, C, S, S), "input_ids", "labels"}; labels on the answers only."""
+    Items: {"id", "video" float32 (T, C, S, S), "input_ids", "labels"} (and "teacher_video" with teacher_size);
+    labels on the answers only."""
 
     def __init__(self, annotation_path, video_folder, tokenizer, cfg, template=VICUNA_V1, **options):
         super().__init__(video_folder, tokenizer, template, cfg, **options)
@@ -464,7 +629,7 @@ class VideoInstructionDataset(VideoTextDataset):
 
     def make_item(self, sample):
         ids, labels = self.tokenize(sample, sample["turns"])
-        return {"id": sample["id"], "video": self.load_video(sample), "input_ids": ids, "labels": labels}
+        return {"id": sample["id"], **self.load_videos(sample), "input_ids": ids, "labels": labels}
 
 
 class VideoQADataset(VideoTextDataset):
@@ -491,22 +656,25 @@ class VideoQADataset(VideoTextDataset):
         answer = sample["answer"] if self.include_answer else None
         ids, labels = self.tokenize(sample, [(sample["question"], answer)])
         prompt_len = next((k for k, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
-        return {"id": sample["id"], "video": self.load_video(sample), "input_ids": ids, "labels": labels,
+        return {"id": sample["id"], **self.load_videos(sample), "input_ids": ids, "labels": labels,
                 "question": sample["question"], "answer": sample["answer"], "video_name": sample["video"],
                 "prompt_len": prompt_len}
 
 
 def collate_video_batch(items, pad_id=0):
     """collate() of the items that loaded, plus batch["skipped"]: (id, reason) of those that did
-    not, and every other field as a list (batch["id"], batch["question"], ...). If nothing loaded,
-    videos/input_ids/labels/lengths are None: log batch["skipped"] and move on.
+    not, batch["teacher_videos"] (B, T, 4, t, t) where items carry "teacher_video", and every other
+    field as a list (batch["id"], batch["question"], ...). If nothing loaded, videos/input_ids/labels/
+    lengths are None: log batch["skipped"] and move on.
     pad_id 0 is the release's (pad = unk = 0 for Llama); use functools.partial to change it."""
     kept = [item for item in items if "skipped" not in item]
     skipped = [(item["id"], item["skipped"]) for item in items if "skipped" in item]
     if not kept:
         return {**dict.fromkeys(("videos", "input_ids", "labels", "lengths")), "skipped": skipped}
     batch = collate(kept, pad_id=pad_id)
-    for key in kept[0].keys() - {"video", "input_ids", "labels"}:
+    if "teacher_video" in kept[0]:
+        batch["teacher_videos"] = torch.stack([item["teacher_video"] for item in kept])  # (B, T, 4, t, t)
+    for key in kept[0].keys() - {"video", "teacher_video", "input_ids", "labels"}:
         batch[key] = [item[key] for item in kept]
     batch["skipped"] = skipped
     return batch
@@ -536,7 +704,7 @@ def report_skipped(skipped, dataset):
         print(f"  {message}")
 
 
-def batches(dataset, batch_size, seed, place, on_error, skipped, num_workers=2, rank=0, world=1):
+def batches(dataset, batch_size, seed, place, on_error, skipped, num_workers=2, rank=0, world=1, pin_memory=None):
     """Endless training batches of a dataset, as (batch, place), place = (epoch, position). Epoch e
     visits the samples in the order of a permutation seeded by (seed, e); position counts the samples
     of the epoch used so far, so the place saved in a checkpoint is where a resumed run goes on.
@@ -547,26 +715,44 @@ def batches(dataset, batch_size, seed, place, on_error, skipped, num_workers=2, 
     batches of all processes together are samples k*B*world .. (k+1)*B*world - 1 of the order, the
     k-th batch of one process with the global batch B*world (until a sample is skipped). Each process
     keeps its own place in its share, so one that skips a sample, or ends its share of an epoch a
-    batch earlier, still yields one batch per micro-step, like the others: no coordination."""
+    batch earlier, still yields one batch per micro-step, like the others: no coordination.
+
+    One DataLoader serves the whole run: its num_workers processes start once, and the next epoch's
+    first batches are decoded while this epoch's last ones train. Each worker keeps two batches ready
+    (PyTorch's prefetch); batches go to pinned memory when pin_memory (None: when CUDA is available).
+    The dataset's decode_threads should be 1 here: the workers are the parallelism."""
+    share = len(range(rank, len(dataset), world))
+    if share == 0:
+        raise ValueError(f"process {rank} of {world} has no samples: the dataset holds {len(dataset)}")
+    # The workers' flip RNG is seeded from (seed, epoch, position, rank) of the starting place: a run is
+    # reproducible from any starting point, though a resumed run flips other clips than an uninterrupted one.
+    epoch, position = place
+    flips = torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, position, rank]).integers(2**62)))
+    plan = (indices for _, _, indices in epoch_batches(len(dataset), batch_size, seed, place, rank, world))
+    loader = DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate_video_batch,
+                        generator=flips, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
+    n_kept, counting = 0, position == 0  # whether the current epoch is seen from its start
+    # The loader yields its batches in the plan's order, so a second walk of the plan names their places.
+    for batch, (batch_epoch, position, _) in zip(loader, epoch_batches(len(dataset), batch_size, seed, place,
+                                                                      rank, world)):
+        if batch_epoch != epoch:
+            if counting and n_kept == 0:
+                whose = "its" if world == 1 else f"process {rank}'s"
+                raise VideoError(f"not one of {whose} {share} samples loads; the last reason: {skipped[-1]}")
+            epoch, n_kept, counting = batch_epoch, 0, True
+        apply_error_policy(batch, on_error, skipped)
+        if batch["lengths"] is not None:
+            n_kept += len(batch["lengths"])
+            yield batch, (epoch, position)
+
+
+def epoch_batches(n_samples, batch_size, seed, place, rank, world):
+    """The plan of batches(): endless (epoch, position after the batch, the batch's sample indices),
+    from place = (epoch, position) on. A batch never spans two epochs: an epoch's last may be smaller."""
     epoch, position = place
     while True:
-        order = np.random.default_rng([seed, epoch]).permutation(len(dataset))[rank::world][position:].tolist()
-        # The workers' flip RNG is seeded from (seed, epoch, position, rank): a run is reproducible from any
-        # starting point, though a resumed epoch flips other clips than an uninterrupted one would.
-        flips = torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, position, rank])
-                                                  .integers(2**62)))
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
-                            collate_fn=collate_video_batch, generator=flips)
-        n_kept, started_at = 0, position
-        for batch in loader:
-            kept = 0 if batch["lengths"] is None else len(batch["lengths"])
-            position += kept + len(batch["skipped"])
-            apply_error_policy(batch, on_error, skipped)
-            if kept:
-                n_kept += kept
-                yield batch, (epoch, position)
-        if n_kept == 0 and started_at == 0:
-            whose = "its" if world == 1 else f"process {rank}'s"
-            raise VideoError(f"not one of {whose} {len(range(rank, len(dataset), world))} samples loads; "
-                             f"the last reason: {skipped[-1]}")
+        order = np.random.default_rng([seed, epoch]).permutation(n_samples)[rank::world].tolist()
+        for start in range(position, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            yield epoch, start + len(indices), indices
         epoch, position = epoch + 1, 0
