@@ -11,9 +11,11 @@ why, and what a loader worker delivers per second. The synthetic task (data.py) 
 """
 
 import bisect
+import hashlib
 import json
 import math
 import warnings
+import zipfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import common
 from data import CLIP_MEAN, CLIP_STD, ChatTemplate, collate, tokenize_conversation
 from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER
 
@@ -35,8 +38,7 @@ TEACHER_PATCH = 14  # the release's teacher is a ViT with 14 px patches
 # Codecs whose frames paint over the previous picture although every packet is marked a keyframe:
 # decoding from the middle gives wrong pixels, so these are always read front to back.
 DRAWS_OVER_PREVIOUS = {"gif", "apng", "webp"}
-# NORMALIZED[c, v]: the normalised value of channel c at uint8 level v, (v / 255 - mean) / std in float32
-NORMALIZED = (torch.arange(256.0)[None] / 255 - torch.tensor(CLIP_MEAN)[:, None]) / torch.tensor(CLIP_STD)[:, None]
+FILL_NORMALIZED = (torch.tensor(LETTERBOX_FILL) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)  # (3,)
 
 
 class VideoError(ValueError):
@@ -385,34 +387,61 @@ def letterbox(frames, canvas=448, patch=14, window=2):
 
     As the release's resize2require_video: each frame is resized straight to the valid box (bicubic,
     Pillow's default and what the release gets) and pasted on a (122, 116, 104) canvas, the canvas
-    is normalised, and the mask (1 on the box) follows as channel 3, unnormalised. Only the box's
-    pixels are normalised one by one; the padding is one known colour, written as its normalised value.
+    is normalised, and the mask (1 on the box) follows as channel 3, unnormalised.
     """
+    return on_canvas(*letterbox_pixels(frames, canvas, patch, window), canvas)
+
+
+def letterbox_pixels(frames, canvas=448, patch=14, window=2):
+    """The one resize of letterbox: uint8 frames (T, H, W, 3) -> (uint8 (T, h, w, 3), the frames resized
+    to their valid box, and that box, (top, left, h, w) on the canvas)."""
     check_frames(frames)
     T, height, width, _ = frames.shape
-    top, left, box_h, box_w = letterbox_box(height, width, canvas, patch, window)
+    box = letterbox_box(height, width, canvas, patch, window)
+    _, _, box_h, box_w = box
     resized = np.empty((T, box_h, box_w, 3), dtype=np.uint8)  # (T, h, w, 3)
     for t in range(T):
         resized[t] = np.asarray(Image.fromarray(frames[t]).resize((box_w, box_h), Image.Resampling.BICUBIC))
-    out = torch.empty(T, 4, canvas, canvas)  # (T, 4, S, S)
-    out[:, :3] = NORMALIZED[[0, 1, 2], list(LETTERBOX_FILL)][:, None, None]  # each channel's fill value
+    return resized, box
+
+
+def on_canvas(resized, box, canvas):
+    """letterbox_pixels' (resized, box) -> float32 (T, 4, canvas, canvas). Only the box's pixels are
+    normalised one by one; the padding is one known colour, written as its normalised value."""
+    top, left, box_h, box_w = box
+    out = torch.empty(len(resized), 4, canvas, canvas)  # (T, 4, S, S)
+    out[:, :3] = FILL_NORMALIZED[:, None, None]
     out[:, 3] = 0.0
-    out[:, :3, top:top + box_h, left:left + box_w] = normalized(resized)
+    normalize_into(out[:, :3, top:top + box_h, left:left + box_w], resized)
     out[:, 3, top:top + box_h, left:left + box_w] = 1.0
     return out
 
 
 def normalized(pixels):
-    """uint8 RGB (T, H, W, 3) -> float32 (T, 3, H, W) normalised with CLIP's mean and std: the values
-    data.normalize_frames computes, bit for bit, looked up rather than computed for every pixel."""
-    channels = torch.from_numpy(pixels).permute(3, 0, 1, 2)  # (3, T, H, W), a view
-    return torch.stack([torch.take(NORMALIZED[c], channels[c].long()) for c in range(3)], dim=1)  # (T, 3, H, W)
+    """uint8 RGB (T, H, W, 3) -> float32 (T, 3, H, W) normalised with CLIP's mean and std."""
+    T, height, width, _ = pixels.shape
+    out = torch.empty(T, 3, height, width)
+    normalize_into(out, pixels)
+    return out
+
+
+def normalize_into(out, pixels):
+    """Write uint8 RGB pixels (T, h, w, 3), normalised with CLIP's mean and std, into out, a float32 view
+    (T, 3, h, w): data.normalize_frames' operations (/ 255, - mean, / std) done in place, so its values
+    bit for bit, without a temporary the size of the clip."""
+    channels = torch.from_numpy(pixels).permute(3, 0, 1, 2)  # (3, T, h, w), a view
+    for c in range(3):
+        out[:, c].copy_(channels[c]).div_(255).sub_(CLIP_MEAN[c]).div_(CLIP_STD[c])
 
 
 def resize_center_crop(frames, size):
-    """uint8 frames (T, H, W, 3) -> float32 (T, 3, size, size): short side to size (bicubic), centre crop.
-    The long side is truncated to int(size * long / short) and the crop offset rounded, as CLIP's
-    torchvision Resize + CenterCrop do."""
+    """uint8 frames (T, H, W, 3) -> float32 (T, 3, size, size): short side to size (bicubic), centre crop."""
+    return normalized(center_crop_pixels(frames, size))
+
+
+def center_crop_pixels(frames, size):
+    """The uint8 pixels of resize_center_crop, (T, size, size, 3). The long side is truncated to
+    int(size * long / short) and the crop offset rounded, as CLIP's torchvision Resize + CenterCrop do."""
     check_frames(frames)
     _, height, width, _ = frames.shape
     if height <= width:
@@ -420,17 +449,39 @@ def resize_center_crop(frames, size):
     else:
         new_h, new_w = int(size * height / width), size
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-    crops = np.stack([np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BICUBIC))
-                      [top:top + size, left:left + size] for frame in frames])  # (T, size, size, 3)
-    return normalized(crops)
+    return np.stack([np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BICUBIC))
+                     [top:top + size, left:left + size] for frame in frames])  # (T, size, size, 3)
 
 
 def frames_for_model(frames, cfg):
     """uint8 frames (T, H, W, 3) -> the float tensor (T, C, S, S) a model with PandaConfig cfg takes:
     letterboxed with the mask channel (C = 4) when cfg.letterbox, else resized and centre-cropped (C = 3)."""
+    return tensor_for_model(*pixels_for_model(frames, cfg), cfg.image_size)
+
+
+def pixels_for_model(frames, cfg):
+    """The resize of frames_for_model, all of its work but the cheap rest: (uint8 pixels, letterbox box)
+    when cfg.letterbox, else (the centre crop, None). What a FrameCache stores."""
     if cfg.letterbox:
-        return letterbox(frames, cfg.image_size, cfg.patch_size, cfg.lsd_window)
-    return resize_center_crop(frames, cfg.image_size)
+        return letterbox_pixels(frames, cfg.image_size, cfg.patch_size, cfg.lsd_window)
+    return center_crop_pixels(frames, cfg.image_size), None
+
+
+def mirrored(pixels, box, size):
+    """pixels_for_model's (pixels, box) flipped left to right on a size-px canvas: its tensor is the
+    flipped tensor, mask channel included, so the valid box stays where the pixels are. Flipping the
+    uint8 pixels rather than the float tensor copies a quarter of the bytes."""
+    pixels = np.ascontiguousarray(pixels[:, :, ::-1])  # (T, h, w, 3)
+    if box is None:
+        return pixels, None
+    top, left, box_h, box_w = box
+    return pixels, (top, size - left - box_w, box_h, box_w)
+
+
+def tensor_for_model(pixels, box, size):
+    """pixels_for_model's (pixels, box) -> the float tensor: on a size x size canvas with the mask
+    channel where there is a box, else normalised as they are."""
+    return normalized(pixels) if box is None else on_canvas(pixels, box, size)
 
 
 def video_tensor(path, cfg, threads=0):
@@ -438,6 +489,60 @@ def video_tensor(path, cfg, threads=0):
     the release does, never flipped (the release flips at evaluation too; we flip only in training)."""
     frames, _ = read_video(path, cfg.n_frames, threads)  # (T, H, W, 3) uint8
     return frames_for_model(frames, cfg)
+
+
+# --- a cache of resized frames -------------------------------------------------------------
+
+class FrameCache:
+    """Each video's sampled frames after their one resize (pixels_for_model, uint8), written once into
+    folder and read back instead of decoding again: a later epoch or run costs a file read, not a decode.
+
+    An entry is keyed by the video file (its absolute path, size and modification time) and by every
+    setting that changes the pixels (`settings`: frames, sizes, patch, window, letterbox, teacher size),
+    so an edited video or a run with other settings never reads a stale entry. It is written atomically
+    (a temporary file renamed into place): a crash, or two workers writing one entry, leave a whole
+    entry. A read_video warning is given when the entry is written, not again at each read. The flip
+    happens after the cache, so both orientations train from one entry."""
+
+    VERSION = 1  # of the entry layout; a new layout gets new keys
+
+    def __init__(self, folder, settings):
+        self.folder, self.settings = Path(folder), dict(settings)
+
+    def entry(self, path):
+        """(the entry's file, its key: the text that names everything the pixels depend on)."""
+        path = Path(path).resolve()
+        stat = path.stat()
+        key = json.dumps({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                          "version": self.VERSION, **self.settings}, sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self.folder / digest[:2] / f"{digest}.npz", key
+
+    def load(self, path):
+        """{name: (pixels, box or None)} as saved for this video and these settings, or None."""
+        file, key = self.entry(path)
+        if not file.is_file():
+            return None
+        try:
+            with np.load(file, allow_pickle=False) as saved:
+                if str(saved["key"]) != key:  # another video with the same digest: never in practice
+                    return None
+                return {name: (saved[name], tuple(saved[f"{name}_box"].tolist()) if f"{name}_box" in saved else None)
+                        for name in str(saved["names"]).split()}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: decode and write anew
+            warnings.warn(f"{file}: unreadable frame cache entry for {path} ({err}); it is written again")
+            return None
+
+    def save(self, path, resized):
+        """Store {name: (pixels uint8, box or None)} for this video."""
+        file, key = self.entry(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"key": np.array(key), "names": np.array(" ".join(resized))}
+        for name, (pixels, box) in resized.items():
+            arrays[name] = pixels
+            if box is not None:
+                arrays[f"{name}_box"] = np.array(box)
+        common.write_atomically(file, lambda f: np.savez(f, **arrays))
 
 
 # --- the release's chat templates ------------------------------------------------------------
@@ -548,6 +653,9 @@ class VideoTextDataset(Dataset):
     for its 448 px student), for a distillation teacher. Its valid box is the student's scaled down,
     and in training it flips with the student's clip (the release flips the two independently).
 
+    frame_cache: a folder for a FrameCache of the resized frames ("" = none), which later epochs and
+    runs with the same settings read instead of decoding.
+
     A bad annotation entry is an AnnotationError when the file is read (on_error="raise") or left out
     and listed in .invalid_entries (on_error="skip"). A video that cannot be used never raises in
     __getitem__: the item is {"id", "skipped": reason}, which collate_video_batch lists in
@@ -557,7 +665,7 @@ class VideoTextDataset(Dataset):
     strings and a tokenizers.Tokenizer, both picklable, so DataLoader workers fork or spawn fine."""
 
     def __init__(self, video_folder, tokenizer, template, cfg, *, train=False, flip_prob=0.5, on_error="raise",
-                 max_text_tokens=4096, decode_threads=0, teacher_size=0):
+                 max_text_tokens=4096, decode_threads=0, teacher_size=0, frame_cache=""):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if teacher_size < 0 or teacher_size % TEACHER_PATCH:
@@ -565,6 +673,9 @@ class VideoTextDataset(Dataset):
         self.video_folder, self.tokenizer, self.template, self.cfg = Path(video_folder), tokenizer, template, cfg
         self.train, self.flip_prob, self.on_error = train, flip_prob, on_error
         self.max_text_tokens, self.decode_threads, self.teacher_size = max_text_tokens, decode_threads, teacher_size
+        settings = dict(n_frames=cfg.n_frames, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                        lsd_window=cfg.lsd_window, letterbox=cfg.letterbox, teacher_size=teacher_size)
+        self.cache = FrameCache(frame_cache, settings) if frame_cache else None
         self.samples, self.invalid_entries = [], []  # invalid_entries: reasons, under on_error="skip"
 
     def parse_all(self, entries, parse, path):
@@ -593,17 +704,23 @@ class VideoTextDataset(Dataset):
             return {"id": self.samples[index]["id"], "skipped": str(err)}
 
     def load_videos(self, sample):
-        """{"video": (T, C, S, S)} of a sample, and "teacher_video" (T, 4, t, t) with teacher_size t."""
+        """{"video": (T, C, S, S)} of a sample, and "teacher_video" (T, 4, t, t) with teacher_size t: from
+        the frame cache where it holds them, else decoded and resized (and then stored in the cache)."""
         path = resolve_video(self.video_folder, sample["video"], sample["id"])
-        frames, _ = read_video(path, self.cfg.n_frames, self.decode_threads)  # (T, H, W, 3) uint8
-        videos = {"video": frames_for_model(frames, self.cfg)}  # (T, C, S, S)
-        if self.teacher_size:
-            videos["teacher_video"] = letterbox(frames, self.teacher_size, TEACHER_PATCH, 1)  # (T, 4, t, t)
+        resized = self.cache.load(path) if self.cache else None
+        if resized is None:
+            frames, _ = read_video(path, self.cfg.n_frames, self.decode_threads)  # (T, H, W, 3) uint8
+            resized = {"video": pixels_for_model(frames, self.cfg)}
+            if self.teacher_size:
+                resized["teacher_video"] = letterbox_pixels(frames, self.teacher_size, TEACHER_PATCH, 1)
+            if self.cache:
+                self.cache.save(path, resized)
+        sizes = {"video": self.cfg.image_size, "teacher_video": self.teacher_size}
         # torch's RNG, not numpy's: DataLoader reseeds torch in each worker, numpy's state is forked as is.
-        # The mask channel flips with the frames, so the valid box stays where the pixels are.
+        # One draw flips the student's and the teacher's copies together.
         if self.train and torch.rand(()) < self.flip_prob:
-            videos = {key: clip.flip(-1) for key, clip in videos.items()}
-        return videos
+            resized = {name: mirrored(pixels, box, sizes[name]) for name, (pixels, box) in resized.items()}
+        return {name: tensor_for_model(pixels, box, sizes[name]) for name, (pixels, box) in resized.items()}
 
     def tokenize(self, sample, turns):
         ids, labels = tokenize_conversation(self.tokenizer, self.template, turns)

@@ -24,10 +24,11 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import video
-from data import CLIP_MEAN, CLIP_STD, conversation_pieces
+from data import CLIP_MEAN, CLIP_STD, conversation_pieces, normalize_frames
 from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig
 from video import AnnotationError, VideoError
 
@@ -586,6 +587,24 @@ def test_letterbox_mask_and_tokens(height, width, tokens):
     assert torch.allclose(clip[0, :3, top + 10, left + 10], inside, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 72, 128, 3), (2, 112, 64, 3), (2, 61, 97, 3), (1, 64, 64, 3)])
+@pytest.mark.parametrize("canvas, window", [(448, 2), (224, 1), (112, 2)])
+def test_letterbox_is_the_release_arithmetic_bit_for_bit(shape, canvas, window):
+    """The release pastes the resized frames on a filled uint8 canvas, normalises the whole canvas
+    (/ 255, - mean, / std in float32) and appends the mask: letterbox gives exactly those values."""
+    frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    top, left, height, width = video.letterbox_box(*shape[1:3], canvas, 14, window)
+    pasted = np.empty((shape[0], canvas, canvas, 3), dtype=np.uint8)
+    pasted[:] = video.LETTERBOX_FILL
+    for t in range(shape[0]):
+        pasted[t, top:top + height, left:left + width] = np.asarray(
+            Image.fromarray(frames[t]).resize((width, height), Image.Resampling.BICUBIC))
+    mask = torch.zeros(shape[0], 1, canvas, canvas)
+    mask[:, :, top:top + height, left:left + width] = 1.0
+    expected = torch.cat([normalize_frames(pasted), mask], dim=1)
+    assert torch.equal(video.letterbox(frames, canvas, 14, window), expected)
+
+
 def test_letterbox_smaller_canvas():
     clip = video.letterbox(np.zeros((3, 90, 160, 3), dtype=np.uint8), canvas=112)
     assert clip.shape == (3, 4, 112, 112)
@@ -735,7 +754,12 @@ def test_train_flip_only_when_asked(tokenizer, instruction_files):
     still = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56))
     flipped = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56), train=True, flip_prob=1.0)
     assert torch.equal(still[0]["video"], still[0]["video"])  # evaluation is deterministic
-    assert torch.equal(flipped[0]["video"], hflip(still[0]["video"]))
+    for k in range(2):  # a landscape mp4 and a square gif
+        assert torch.equal(flipped[k]["video"], hflip(still[k]["video"]))
+    cropped = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56, letterbox=False))
+    flipped = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56, letterbox=False), train=True,
+                                            flip_prob=1.0)
+    assert torch.equal(flipped[0]["video"], hflip(cropped[0]["video"]))
 
 
 @pytest.fixture
@@ -890,3 +914,38 @@ def test_loader_bench_answers_help_and_measures_a_folder(tmp_path, capsys):
     assert re.match(r"0 worker\(s\), batches of 2, 8 frames of 112 px \+ teacher 56 px: 4 videos in", lines[3])
     with pytest.raises(ValueError, match="expected a folder with video files"):
         loader_bench.main([f"--folder={tmp_path / 'nowhere'}"])
+
+
+# --- the frame cache --------------------------------------------------------------------------
+
+def test_frame_cache_gives_the_items_of_a_decode_without_decoding(tokenizer, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    plain = one_clip_dataset(tokenizer, tmp_path, moving_clip(30, 72, 128), 112, 56)[0]
+    first = one_clip_dataset(tokenizer, tmp_path, moving_clip(30, 72, 128), 112, 56, frame_cache=str(cache))
+    written = first[0]
+    entries = list(cache.glob("*/*.npz"))
+    assert len(entries) == 1
+    monkeypatch.setattr(video, "read_video", lambda *args: pytest.fail("decoded although the cache holds the frames"))
+    again = video.VideoInstructionDataset(tmp_path / "one.json", tmp_path, tokenizer, geometry(112), teacher_size=56,
+                                          frame_cache=str(cache))[0]
+    for item in (written, again):
+        assert torch.equal(item["video"], plain["video"]) and torch.equal(item["teacher_video"], plain["teacher_video"])
+    # other settings are another entry: the centre crop at 56 px, without a teacher, decodes
+    monkeypatch.undo()
+    cropped = video.VideoInstructionDataset(tmp_path / "one.json", tmp_path, tokenizer, geometry(56, letterbox=False),
+                                            frame_cache=str(cache))[0]
+    assert cropped["video"].shape == (8, 3, 56, 56) and len(list(cache.glob("*/*.npz"))) == 2
+
+
+def test_frame_cache_misses_when_the_video_changes_and_rewrites_a_damaged_entry(tokenizer, tmp_path):
+    cache = tmp_path / "cache"
+    dataset = one_clip_dataset(tokenizer, tmp_path, grey_clip(8, 32, 32), 56, 0, frame_cache=str(cache))
+    dark = dataset[0]["video"]
+    write_clip(tmp_path / "clip.mp4", 255 - grey_clip(9, 32, 32))  # the same name, other frames
+    bright = dataset[0]["video"]
+    assert bright[:, :3].mean() > dark[:, :3].mean() + 1 and len(list(cache.glob("*/*.npz"))) == 2
+    entry, _ = dataset.cache.entry(tmp_path / "clip.mp4")
+    entry.write_bytes(b"not an npz file")
+    with pytest.warns(UserWarning, match="unreadable frame cache entry .* written again"):
+        assert torch.equal(dataset[0]["video"], bright)
+    assert torch.equal(dataset[0]["video"], bright)  # the rewritten entry reads

@@ -12,6 +12,7 @@ timed. A GPU step of B videos every s seconds needs B / s videos a second.
 
 --against_front_to_back=true first times, for every clip, read_video against a front-to-back decode of
 the same frames (best of --repeats, one thread, in this process) and checks that the frames are identical.
+--frame_cache=DIR loads through a FrameCache in DIR: a first run fills it, a second reads it.
 --write_clip=PATH writes the clip docs/video.md measures and stops: 90 s of 1280x720 H.264 at 30 fps,
 a keyframe every 2 s and B-frames, as streaming sites encode (minutes: libx264 on one core).
 """
@@ -41,6 +42,7 @@ class LoaderBenchConfig:
     videos: int = 64                     # videos to load after the workers' first batches, cycling over the clips
     batch_size: int = 4                  # videos per batch (train.py's --batch_size)
     teacher_size: int = 0                # also letterbox a copy for a distillation teacher (224 for the release's)
+    frame_cache: str = ""                # read and fill a frame cache in this folder (run twice to time a warm one)
     preset: str = "paper"                # the model whose frames are made (its n_frames, image_size, letterbox)
     against_front_to_back: bool = False  # first time read_video against a front-to-back decode, clip by clip
     repeats: int = 3                     # --against_front_to_back: best of this many runs each
@@ -104,7 +106,8 @@ def loader_throughput(clips, cfg, bc):
         annotation = Path(scratch) / "loads.json"
         annotation.write_text(json.dumps(entries))
         dataset = video.VideoInstructionDataset(annotation, folder, data.build_tokenizer(), cfg, train=True,
-                                                on_error="skip", decode_threads=1, teacher_size=bc.teacher_size)
+                                                on_error="skip", decode_threads=1, teacher_size=bc.teacher_size,
+                                                frame_cache=bc.frame_cache)
         skipped = []
         stream = video.batches(dataset, bc.batch_size, 0, (0, 0), "skip", skipped, bc.workers)
         start = n_timed = 0
@@ -118,7 +121,8 @@ def loader_throughput(clips, cfg, bc):
     rate = n_timed / seconds
     per_worker = f", {rate / bc.workers:.2f} per worker" if bc.workers else ""
     print(f"{bc.workers} worker(s), batches of {bc.batch_size}, {cfg.n_frames} frames of {cfg.image_size} px"
-          f"{f' + teacher {bc.teacher_size} px' if bc.teacher_size else ''}: {n_timed} videos in {seconds:.1f} s, "
+          f"{f' + teacher {bc.teacher_size} px' if bc.teacher_size else ''}"
+          f"{f', frame cache {bc.frame_cache}' if bc.frame_cache else ''}: {n_timed} videos in {seconds:.1f} s, "
           f"{rate:.2f} videos/s{per_worker}" + (f" ({len(skipped)} skipped)" if skipped else ""))
 
 
