@@ -188,6 +188,7 @@ def frames_per_second(container, stream, n_frames):
 
 
 def duration_seconds(container, stream):
+    """The video stream's duration in seconds, else the container's, else 0.0."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     return container.duration / av.time_base if container.duration else 0.0
@@ -238,23 +239,23 @@ def read_video(path, n_frames=8, threads=0):
     with open_video(path, threads) as (container, stream):
         info, index = describe_video(path, container, stream)
         indices = sample_frame_indices(info["n_total"], info["fps"], n_frames)
-        frames = decode_by_seeking(container, stream, index, indices) if index.no_seek is None else {}
-    if index.no_seek is None and len(frames) < len(set(indices)):
+        found = decode_by_seeking(container, stream, index, indices) if index.no_seek is None else {}
+    if index.no_seek is None and len(found) < len(set(indices)):
         info["decoding"] = "front to back: seeking did not find every sampled frame"
-    if len(frames) < len(set(indices)):
-        frames, n_decoded, stopped_by = decode_in_order(path, indices, threads)
-        if len(frames) < len(set(indices)):  # decoding stopped before the last sampled frame
+    if len(found) < len(set(indices)):
+        found, n_decoded, stopped_by = decode_in_order(path, indices, threads)
+        if len(found) < len(set(indices)):  # decoding stopped before the last sampled frame
             how = "decoded" + (f" ({stopped_by})" if stopped_by else "")
             info.update(n_total=n_decoded, count_source="decoded",
                         shortfall=require_enough_frames(info, n_decoded, how))
             indices = sample_frame_indices(n_decoded, info["fps"], n_frames)
-            frames, _, _ = decode_in_order(path, indices, threads)
-            if len(frames) < len(set(indices)):
+            found, _, _ = decode_in_order(path, indices, threads)
+            if len(found) < len(set(indices)):
                 raise VideoError(f"{path}: {n_decoded} frames decoded on one pass, fewer on the next")
     if info["shortfall"]:
         warnings.warn(f"{info['shortfall']}; sampling from those")
     info["indices"] = indices
-    return stack_frames(path, frames, indices), info  # (T, H, W, 3) uint8
+    return stack_frames(path, found, indices), info  # (T, H, W, 3) uint8
 
 
 def decode_by_seeking(container, stream, index, indices):
@@ -262,24 +263,24 @@ def decode_by_seeking(container, stream, index, indices):
     keyframe at or before it (unless decoding already stands between the two) and decode forward to it,
     converting only the sampled frames to RGB. Returns fewer frames where the file does not behave as
     its packets promise (a seek that lands elsewhere, a frame the decoder drops, a decoding error)."""
-    frames, decoded, last = {}, iter(()), None
+    found, decoded, last = {}, iter(()), None
     try:
         for n in sorted(set(indices)):
             k = bisect.bisect_right(index.keyframes, index.pts[n])
             if k == 0:  # frame n shows before the first keyframe (leading frames that open the stream)
-                return frames
+                return found
             if last is None or index.keyframes[k - 1] > last:  # decoding stands before the keyframe: jump there
                 decoded = frames_from_keyframe(container, stream, index, index.keyframes[k - 1])
             for m, frame in decoded:
                 last = index.pts[m]
                 if m == n:
-                    frames[n] = upright(frame)
+                    found[n] = upright(frame)
                     break
             else:  # the stream ended, or stopped agreeing with its packets, before frame n
-                return frames
+                return found
     except av.FFmpegError:
         pass  # a packet that does not decode: the front-to-back pass will find where, and say so
-    return frames
+    return found
 
 
 def frames_from_keyframe(container, stream, index, keyframe):
@@ -307,18 +308,18 @@ def decode_in_order(path, indices, threads=0):
     numbers, frames decoded, the error that stopped decoding or None). Decoding stops after the last
     sampled frame, or where the file ends or fails: then the count is every frame that decodes."""
     wanted, last = set(indices), max(indices)
-    frames, n_decoded, stopped_by = {}, 0, None
+    found, n_decoded, stopped_by = {}, 0, None
     with open_video(path, threads) as (container, stream):
         try:
             for frame in container.decode(stream):
                 if n_decoded in wanted:
-                    frames[n_decoded] = upright(frame)
+                    found[n_decoded] = upright(frame)
                 n_decoded += 1
                 if n_decoded > last:
                     break
         except av.FFmpegError as err:
             stopped_by = f"{type(err).__name__}: {err}"
-    return frames, n_decoded, stopped_by
+    return found, n_decoded, stopped_by
 
 
 def upright(frame):
@@ -344,19 +345,20 @@ def upright(frame):
     return np.ascontiguousarray(rgb[::-1 if y_sign < 0 else 1, ::-1 if x_sign < 0 else 1])
 
 
-def stack_frames(path, frames, indices):
-    """The sampled frames {number: (H, W, 3)} as one uint8 array (T, H, W, 3), in the order of indices;
-    a VideoError if their sizes differ (a stream whose picture size changes midway)."""
-    sizes = sorted({frame.shape[:2] for frame in frames.values()})
+def stack_frames(path, found, indices):
+    """The sampled frames found, {number: (H, W, 3)}, as one uint8 array (T, H, W, 3) in the order of
+    indices; a VideoError if their sizes differ (a stream whose picture size changes midway)."""
+    sizes = sorted({frame.shape[:2] for frame in found.values()})
     if len(sizes) > 1:
         found = ", ".join(f"{width}x{height}" for height, width in sizes)
         raise VideoError(f"{path}: the picture size changes within the video ({found}); re-encode it at one size")
-    return np.stack([frames[n] for n in indices])  # (T, H, W, 3) uint8
+    return np.stack([found[n] for n in indices])  # (T, H, W, 3) uint8
 
 
 # --- geometry: letterbox with mask, or square crop -----------------------------------
 
 def check_frames(frames):
+    """A ValueError unless frames is what read_video returns: a uint8 numpy array (T, H, W, 3)."""
     if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3):
         found = f"{frames.dtype} {tuple(frames.shape)}" if hasattr(frames, "shape") else type(frames).__name__
         raise ValueError(f"expected uint8 numpy frames of shape (T, H, W, 3), found {found}")
@@ -533,12 +535,12 @@ class FrameCache:
             warnings.warn(f"{file}: unreadable frame cache entry for {path} ({err}); it is written again")
             return None
 
-    def save(self, path, resized):
+    def save(self, path, prepared):
         """Store {name: (pixels uint8, box or None)} for this video."""
         file, key = self.entry(path)
         file.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"key": np.array(key), "names": np.array(" ".join(resized))}
-        for name, (pixels, box) in resized.items():
+        arrays = {"key": np.array(key), "names": np.array(" ".join(prepared))}
+        for name, (pixels, box) in prepared.items():
             arrays[name] = pixels
             if box is not None:
                 arrays[f"{name}_box"] = np.array(box)
@@ -707,20 +709,20 @@ class VideoTextDataset(Dataset):
         """{"video": (T, C, S, S)} of a sample, and "teacher_video" (T, 4, t, t) with teacher_size t: from
         the frame cache where it holds them, else decoded and resized (and then stored in the cache)."""
         path = resolve_video(self.video_folder, sample["video"], sample["id"])
-        resized = self.cache.load(path) if self.cache else None
-        if resized is None:
+        prepared = self.cache.load(path) if self.cache else None  # {name: (uint8 pixels, box)}
+        if prepared is None:
             frames, _ = read_video(path, self.cfg.n_frames, self.decode_threads)  # (T, H, W, 3) uint8
-            resized = {"video": pixels_for_model(frames, self.cfg)}
+            prepared = {"video": pixels_for_model(frames, self.cfg)}
             if self.teacher_size:
-                resized["teacher_video"] = letterbox_pixels(frames, self.teacher_size, TEACHER_PATCH, 1)
+                prepared["teacher_video"] = letterbox_pixels(frames, self.teacher_size, TEACHER_PATCH, 1)
             if self.cache:
-                self.cache.save(path, resized)
+                self.cache.save(path, prepared)
         sizes = {"video": self.cfg.image_size, "teacher_video": self.teacher_size}
         # torch's RNG, not numpy's: DataLoader reseeds torch in each worker, numpy's state is forked as is.
         # One draw flips the student's and the teacher's copies together.
         if self.train and torch.rand(()) < self.flip_prob:
-            resized = {name: mirrored(pixels, box, sizes[name]) for name, (pixels, box) in resized.items()}
-        return {name: tensor_for_model(pixels, box, sizes[name]) for name, (pixels, box) in resized.items()}
+            prepared = {name: mirrored(pixels, box, sizes[name]) for name, (pixels, box) in prepared.items()}
+        return {name: tensor_for_model(pixels, box, sizes[name]) for name, (pixels, box) in prepared.items()}
 
     def tokenize(self, sample, turns):
         ids, labels = tokenize_conversation(self.tokenizer, self.template, turns)

@@ -57,7 +57,7 @@ def real_clip(name):
 
 @functools.lru_cache(maxsize=None)
 def decoded_real_clip(name):
-    """Each real clip is decoded once per test session."""
+    """Each real clip is decoded once per test run."""
     return video.read_video(real_clip(name), 8)
 
 

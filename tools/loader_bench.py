@@ -14,7 +14,7 @@ timed. A GPU step of B videos every s seconds needs B / s videos a second.
 the same frames (best of --repeats, one thread, in this process) and checks that the frames are identical.
 --frame_cache=DIR loads through a FrameCache in DIR: a first run fills it, a second reads it.
 --write_clip=PATH writes the clip docs/video.md measures and stops: 90 s of 1280x720 H.264 at 30 fps,
-a keyframe every 2 s and B-frames, as streaming sites encode (minutes: libx264 on one core).
+a keyframe every 2 s and B-frames, as streaming sites encode.
 """
 
 import json
@@ -127,6 +127,7 @@ def loader_throughput(clips, cfg, bc):
 
 
 def main(argv):
+    """The command line: --write_clip, else --against_front_to_back (if asked) and the throughput."""
     bc_changes, cfg_changes = common.parse_args(argv, __doc__, LoaderBenchConfig, PandaConfig)
     bc = LoaderBenchConfig(**bc_changes)
     if bc.write_clip:
