@@ -5,34 +5,44 @@ that cannot be used (--on_error: raise, or skip and count).
     frames, info = read_video("clip.mp4", 8)         # (8, H, W, 3) uint8, sampled as the release does
     video = frames_for_model(frames, cfg)            # (8, 4, 448, 448): letterboxed, with the mask channel
 
-Pixels are decoded by PyAV (FFmpeg's own demuxers and decoders) through imageio's pyav plugin; Pillow
-resizes. The synthetic task (data.py) needs none of this.
+Pixels are decoded by PyAV (FFmpeg's own demuxers and decoders), seeking to the keyframe before each
+sampled frame; Pillow resizes. docs/video.md tells how frames are found, which files are refused and
+why, and what a loader worker delivers per second. The synthetic task (data.py) needs none of this.
 """
 
+import bisect
+import hashlib
 import json
 import math
 import warnings
+import zipfile
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import av
-import imageio.v3 as iio
 import numpy as np
 import torch
-from imageio.core.request import InitializationError
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import CLIP_MEAN, ChatTemplate, collate, normalize_frames, tokenize_conversation
+import common
+from data import CLIP_MEAN, CLIP_STD, ChatTemplate, collate, tokenize_conversation
 from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
 LETTERBOX_FILL = tuple(int(255 * m) for m in CLIP_MEAN)  # (122, 116, 104): normalises to about 0
+TEACHER_PATCH = 14  # the release's teacher is a ViT with 14 px patches
+# Codecs whose frames paint over the previous picture although every packet is marked a keyframe:
+# decoding from the middle gives wrong pixels, so these are always read front to back.
+DRAWS_OVER_PREVIOUS = {"gif", "apng", "webp"}
+FILL_NORMALIZED = (torch.tensor(LETTERBOX_FILL) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)  # (3,)
 
 
 class VideoError(ValueError):
-    """A video that cannot be used: missing, empty, corrupt, truncated, no video stream, no frames."""
+    """A video that cannot be used: missing, empty, corrupt, truncated, no video stream, too few frames."""
 
 
 class AnnotationError(ValueError):
@@ -52,36 +62,114 @@ def check_video_file(path):
     return path
 
 
-def probe_video(path):
-    """Frame count, frame rate and size from the container, without decoding a single frame.
-
-    mp4, mov, avi and gif headers store the frame count. WebM/Matroska store none (PyAV says 0),
-    so there we count the video packets by demuxing: 3 ms for the 720 frames of the test webm.
-    """
+@contextmanager
+def open_video(path, threads=0):
+    """(container, its first video stream), opened by PyAV, decoding with `threads` threads (0: FFmpeg's
+    choice). Whatever is raised inside the with-block becomes a VideoError naming the file and the
+    exception: broken files make PyAV raise AttributeError, UnicodeDecodeError and more besides FFmpeg's
+    own errors, and under --on_error=skip only a VideoError is a skip rather than the end of the run."""
     path = check_video_file(path)
     try:
-        with av.open(str(path)) as container:
+        # metadata that is not UTF-8 (a title in Latin-1) is no reason to refuse the pixels
+        with av.open(str(path), metadata_errors="replace") as container:
             if not container.streams.video:
                 found = ", ".join(stream.type for stream in container.streams) or "no streams"
                 raise VideoError(f"{path}: expected a video stream, found {found}")
             stream = container.streams.video[0]
-            n_header = stream.frames
-            if n_header > 0:
-                n_total, source = n_header, "header"
-            else:
-                n_total, source = count_packets(container, stream), "packets"
-            info = {"path": str(path), "n_total": n_total, "n_header": n_header, "count_source": source,
-                    "fps": frames_per_second(container, stream, n_total), "codec": stream.codec_context.name,
-                    "width": stream.codec_context.width, "height": stream.codec_context.height}
-    except av.FFmpegError as err:
-        raise VideoError(f"{path}: cannot be read as a video (corrupt, truncated or not a video): {err}") from err
-    if n_total == 0:
-        raise VideoError(f"{path}: the video stream holds no frames")
+            if stream.codec_context is None:
+                raise VideoError(f"{path}: the video stream has no codec description (a file cut inside its header?)")
+            stream.codec_context.thread_type = "AUTO"
+            stream.codec_context.thread_count = threads
+            yield container, stream
+    except VideoError:
+        raise
+    except Exception as err:  # a broken file can make PyAV raise almost anything: see the docstring
+        raise VideoError(f"{path}: cannot be read as a video (corrupt, truncated or not a video): "
+                         f"{type(err).__name__}: {err}") from err
+
+
+@dataclass
+class FrameIndex:
+    """What one pass over a video's packets tells, without decoding a frame.
+
+    pts: every frame's presentation timestamp, in presentation order: frame n of a front-to-back
+    decode (the n-th frame, as the release's decord reader numbers them) is the one with timestamp
+    pts[n], so B-frames, open GOPs and variable frame rates need no special case. keyframes: the keyframes' timestamps, in order. hidden: packets the container
+    marks as not to be shown (cut by an edit list). no_seek: why frames cannot be found by seeking in
+    this file, None where they can."""
+    pts: list
+    keyframes: list
+    hidden: int
+    no_seek: str | None
+
+
+def index_frames(container, stream):
+    """The FrameIndex of a freshly opened container: one demux pass, which reads the file but decodes nothing."""
+    pts, keyframes, hidden, starts_on_keyframe = [], [], 0, None
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the empty packet at the end, which tells the decoder to empty itself
+            continue
+        if packet.is_discard:
+            hidden += 1
+            continue
+        if starts_on_keyframe is None:
+            starts_on_keyframe = packet.is_keyframe
+        pts.append(packet.pts)
+        if packet.is_keyframe:
+            keyframes.append(packet.pts)
+    if stream.codec_context.name in DRAWS_OVER_PREVIOUS:
+        no_seek = f"{stream.codec_context.name} frames paint over the previous ones"
+    elif None in pts:
+        no_seek = "packets without timestamps"
+    elif len(set(pts)) < len(pts):
+        no_seek = "packets that share a timestamp"
+    elif not starts_on_keyframe:
+        no_seek = "the stream does not start on a keyframe"
+    else:
+        no_seek = None
+        pts.sort()
+        keyframes.sort()
+    return FrameIndex(pts, keyframes, hidden, no_seek)
+
+
+def describe_video(path, container, stream):
+    """(info, FrameIndex) of a freshly opened container; info is what probe_video returns."""
+    index = index_frames(container, stream)
+    n_header, n_total = stream.frames, len(index.pts)
+    info = {"path": str(path), "n_total": n_total, "n_header": n_header, "count_source": "packets",
+            # what the container promises: its header's count (MKV and WebM have none) less the hidden packets
+            "n_expected": max(n_total, n_header - index.hidden if n_header > 0 else 0),
+            "fps": frames_per_second(container, stream, n_total), "codec": stream.codec_context.name,
+            "width": stream.codec_context.width, "height": stream.codec_context.height,
+            "decoding": "seeking" if index.no_seek is None else f"front to back: {index.no_seek}"}
+    info["shortfall"] = require_enough_frames(info, n_total, "in the file")
+    return info, index
+
+
+def probe_video(path):
+    """What a video holds, without decoding a frame: info with "n_total" (frames, counted from the packets),
+    "n_header" (the header's count, 0 where the container stores none), "n_expected" (what the container
+    promises), "shortfall" (None, or the account of missing frames), "fps", "codec", "width", "height"
+    (as stored, before any turn) and "decoding" (how read_video finds frames in it)."""
+    with open_video(path) as (container, stream):
+        info, _ = describe_video(path, container, stream)
     return info
 
 
-def count_packets(container, stream):
-    return sum(1 for packet in container.demux(stream) if packet.size > 0)  # the last one is an empty flush
+def require_enough_frames(info, n_usable, how):
+    """The rule for a file that holds or decodes fewer frames than its container promises (docs/video.md):
+    none, a single one, or fewer than half is a VideoError. Otherwise returns the account for a warning,
+    e.g. "clip.mp4: 20 frames by the container, 15 in the file" (None when no frame is missing), and the
+    caller samples from the frames there are. how: "in the file", or "decoded" and why decoding stopped."""
+    n_expected, path = info["n_expected"], info["path"]
+    if n_expected == 0:
+        raise VideoError(f"{path}: the video stream holds no frames")
+    if n_usable >= n_expected:
+        return None
+    account = f"{path}: {n_expected} frames by the container, {n_usable} {how}"
+    if n_usable <= 1 or 2 * n_usable < n_expected:
+        raise VideoError(f"{account}: fewer than half, too few to sample from")
+    return account
 
 
 def frames_per_second(container, stream, n_frames):
@@ -100,6 +188,7 @@ def frames_per_second(container, stream, n_frames):
 
 
 def duration_seconds(container, stream):
+    """The video stream's duration in seconds, else the container's, else 0.0."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     return container.duration / av.time_base if container.duration else 0.0
@@ -135,81 +224,141 @@ def indices_with_repetition(n, T):
 
 
 def read_video(path, n_frames=8, threads=0):
-    """T = n_frames sampled RGB frames of a video file, decoded once, front to back.
+    """T = n_frames sampled frames of a video file, RGB and upright as a player shows them.
 
-    Returns (frames uint8 (T, H, W, 3), info) with info["indices"] the sampled frame numbers,
-    info["n_total"] the frame count they were sampled from, info["fps"], and the header facts.
-    threads: FFmpeg decoding threads, 0 = FFmpeg's choice (pass 1 or 2 under many DataLoader workers).
+    Returns (frames uint8 (T, H, W, 3), info): info as probe_video's, with "indices" the sampled frame
+    numbers (frame n is the n-th frame of a front-to-back decode) and "n_total" the frame count they
+    were sampled from. Each sampled frame is found by seeking to the keyframe at or before it and
+    decoding forward; files that cannot seek (GIFs, packets without timestamps), or where seeking does
+    not find every frame, are decoded front to back, which gives the same frames. A file with fewer
+    frames than its container promises is sampled from those there are, with a warning, or refused
+    (require_enough_frames). threads: FFmpeg decoding threads, 0 = FFmpeg's choice (1 in DataLoader workers).
     """
-    info = probe_video(path)
-    indices = sample_frame_indices(info["n_total"], info["fps"], n_frames)
-    frames, _ = decode_frames_at(path, indices, threads)
-    if len(frames) < len(set(indices)):
-        # Decoding ended, or FFmpeg gave up, before the last sampled frame: the count overclaims (an
-        # mp4 cut short after its index, packets that hold no picture). Sample again over the frames
-        # that do decode rather than return fewer than T, and say so.
-        n_decoded, stopped_by = count_decoded_frames(path, threads)
-        promise = f"{path}: {info['n_total']} frames by the {info['count_source']} count"
-        why = f" ({stopped_by})" if stopped_by else ""
-        if n_decoded == 0:
-            raise VideoError(f"{promise}, but none decodes{why}")
-        warnings.warn(f"{promise}, but only {n_decoded} decode{why}; sampling from those")
-        info.update(n_total=n_decoded, count_source="decoded", decode_stopped_by=stopped_by)
-        indices = sample_frame_indices(n_decoded, info["fps"], n_frames)
-        frames, _ = decode_frames_at(path, indices, threads)
-        if len(frames) < len(set(indices)):
-            raise VideoError(f"{path}: {n_decoded} frames decoded on one pass, fewer on the next")
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be at least 1, got {n_frames}")
+    with open_video(path, threads) as (container, stream):
+        info, index = describe_video(path, container, stream)
+        indices = sample_frame_indices(info["n_total"], info["fps"], n_frames)
+        found = decode_by_seeking(container, stream, index, indices) if index.no_seek is None else {}
+    if index.no_seek is None and len(found) < len(set(indices)):
+        info["decoding"] = "front to back: seeking did not find every sampled frame"
+    if len(found) < len(set(indices)):
+        found, n_decoded, stopped_by = decode_in_order(path, indices, threads)
+        if len(found) < len(set(indices)):  # decoding stopped before the last sampled frame
+            how = "decoded" + (f" ({stopped_by})" if stopped_by else "")
+            info.update(n_total=n_decoded, count_source="decoded",
+                        shortfall=require_enough_frames(info, n_decoded, how))
+            indices = sample_frame_indices(n_decoded, info["fps"], n_frames)
+            found, _, _ = decode_in_order(path, indices, threads)
+            if len(found) < len(set(indices)):
+                raise VideoError(f"{path}: {n_decoded} frames decoded on one pass, fewer on the next")
+    if info["shortfall"]:
+        warnings.warn(f"{info['shortfall']}; sampling from those")
     info["indices"] = indices
-    return np.stack([frames[i] for i in indices]), info  # (T, H, W, 3) uint8
+    return stack_frames(path, found, indices), info  # (T, H, W, 3) uint8
 
 
-# ValueError: a stream without a single decodable frame has no pixel format to build a filter with
-DECODE_ERRORS = (av.FFmpegError, OSError, ValueError, InitializationError)
-
-
-def decode_frames_at(path, indices, threads=0):
-    """({index: uint8 (H, W, 3)} for the distinct indices, None), or fewer frames and FFmpeg's
-    error (or None for a clean end) when the video stops early.
-
-    FFmpeg's select filter drops every other frame before the RGB conversion, which would
-    otherwise cost as much as the decoding (3x slower in all on cockatoo.mp4), and we stop at the
-    last wanted frame, so at most one RGB frame per sampled index is ever in memory.
-    """
-    wanted = sorted(set(indices))
-    keep = {"expr": "+".join(f"eq(n,{i})" for i in wanted)}  # n: the decoded frame's number, from 0
-    frames = {}
+def decode_by_seeking(container, stream, index, indices):
+    """{frame number: upright RGB frame} for the distinct sampled numbers: for each, seek to the last
+    keyframe at or before it (unless decoding already stands between the two) and decode forward to it,
+    converting only the sampled frames to RGB. Returns fewer frames where the file does not behave as
+    its packets promise (a seek that lands elsewhere, a frame the decoder drops, a decoding error)."""
+    found, decoded, last = {}, iter(()), None
     try:
-        with iio.imopen(path, "r", plugin="pyav") as video:
-            # rgb24 also turns GIFs' palette/bgra frames into RGB
-            decoded = video.iter(format="rgb24", filter_sequence=[("select", keep)],
-                                 thread_type="AUTO", thread_count=threads)
-            for index, frame in zip(wanted, decoded):
-                frames[index] = frame  # (H, W, 3) uint8
-                if index == wanted[-1]:
+        for n in sorted(set(indices)):
+            k = bisect.bisect_right(index.keyframes, index.pts[n])
+            if k == 0:  # frame n shows before the first keyframe (leading frames that open the stream)
+                return found
+            if last is None or index.keyframes[k - 1] > last:  # decoding stands before the keyframe: jump there
+                decoded = frames_from_keyframe(container, stream, index, index.keyframes[k - 1])
+            for m, frame in decoded:
+                last = index.pts[m]
+                if m == n:
+                    found[n] = upright(frame)
                     break
-    except DECODE_ERRORS as err:
-        return frames, f"{type(err).__name__}: {err}"
-    return frames, None
+            else:  # the stream ended, or stopped agreeing with its packets, before frame n
+                return found
+    except av.FFmpegError:
+        pass  # a packet that does not decode: the front-to-back pass will find where, and say so
+    return found
 
 
-def count_decoded_frames(path, threads=0):
-    """(number of frames that decode before the end or the first FFmpeg error, that error or None).
-    The same decoder and threads as decode_frames_at, each frame shrunk to 1 grey pixel before it
-    is handed over, so counting costs about one decode: the fallback when counts lie."""
-    n_decoded = 0
-    try:
-        with iio.imopen(path, "r", plugin="pyav") as video:
-            for _ in video.iter(format="gray", filter_sequence=[("scale", "1:1")],
-                                thread_type="AUTO", thread_count=threads):
+def frames_from_keyframe(container, stream, index, keyframe):
+    """(frame number, decoded frame) in presentation order, from the keyframe with timestamp `keyframe`
+    on. Ends early, without an error, where the file stops agreeing with its index: the seek lands off
+    a keyframe or after this one, or a decoded frame is not the next one its packets promised."""
+    container.seek(keyframe, stream=stream, backward=True, any_frame=False)  # also empties the decoder
+    start = number = None
+    for packet in container.demux(stream):
+        if start is None and packet.size:  # where the seek landed: this keyframe, or an earlier one
+            if not packet.is_keyframe or packet.pts is None or packet.pts > keyframe:
+                return
+            start, number = packet.pts, bisect.bisect_left(index.pts, packet.pts)
+        for frame in stream.codec_context.decode(packet):  # the last, empty packet drains the decoder
+            if frame.pts is not None and frame.pts < start:
+                continue  # an open GOP's leading frames refer to frames before the keyframe: not ours
+            if number == len(index.pts) or frame.pts != index.pts[number]:
+                return
+            yield number, frame
+            number += 1
+
+
+def decode_in_order(path, indices, threads=0):
+    """Front to back, as a player decodes: ({frame number: upright RGB frame} for the distinct sampled
+    numbers, frames decoded, the error that stopped decoding or None). Decoding stops after the last
+    sampled frame, or where the file ends or fails: then the count is every frame that decodes."""
+    wanted, last = set(indices), max(indices)
+    found, n_decoded, stopped_by = {}, 0, None
+    with open_video(path, threads) as (container, stream):
+        try:
+            for frame in container.decode(stream):
+                if n_decoded in wanted:
+                    found[n_decoded] = upright(frame)
                 n_decoded += 1
-    except DECODE_ERRORS as err:
-        return n_decoded, f"{type(err).__name__}: {err}"
-    return n_decoded, None
+                if n_decoded > last:
+                    break
+        except av.FFmpegError as err:
+            stopped_by = f"{type(err).__name__}: {err}"
+    return found, n_decoded, stopped_by
+
+
+def upright(frame):
+    """A decoded frame as players show it: RGB uint8 (H, W, 3), turned and mirrored as its display
+    matrix says (phones store portrait video as landscape pictures plus a quarter turn in the mp4/mov
+    track header; FFmpeg hands that matrix to every frame).
+
+    Fork safety: PyAV ties a frame whose side_data was read into a reference cycle, freed only by the
+    garbage collector, possibly in a DataLoader worker forked later. A thread pool freed there waits
+    forever for threads the fork did not copy, so the conversion runs on one thread (no pool), and
+    side_data is read only where frame.rotation (which makes no cycle) says the matrix turns."""
+    rgb = frame.to_ndarray(format="rgb24", threads=1)  # (H, W, 3); GIFs' palette/bgra frames become RGB too
+    if frame.rotation == 0:  # no matrix, or one that does not turn (one that only mirrors top to bottom is left as is)
+        return rgb
+    a, b, _, c, d = np.frombuffer(bytes(frame.side_data.get("DISPLAYMATRIX")), dtype=np.int32)[:5].tolist()
+    # ISO/IEC 14496-12's matrix shows the coded pixel (x, y) at (a x + c y, b x + d y), plus a shift.
+    # With a = d = 0 it is a quarter turn (the shown x comes from the coded y); any angle that is not a
+    # multiple of 90 degrees is taken to the nearest one.
+    if abs(b) + abs(c) > abs(a) + abs(d):
+        rgb, x_sign, y_sign = rgb.transpose(1, 0, 2), c, b
+    else:
+        x_sign, y_sign = a, d
+    return np.ascontiguousarray(rgb[::-1 if y_sign < 0 else 1, ::-1 if x_sign < 0 else 1])
+
+
+def stack_frames(path, found, indices):
+    """The sampled frames found, {number: (H, W, 3)}, as one uint8 array (T, H, W, 3) in the order of
+    indices; a VideoError if their sizes differ (a stream whose picture size changes midway)."""
+    sizes = sorted({frame.shape[:2] for frame in found.values()})
+    if len(sizes) > 1:
+        found = ", ".join(f"{width}x{height}" for height, width in sizes)
+        raise VideoError(f"{path}: the picture size changes within the video ({found}); re-encode it at one size")
+    return np.stack([found[n] for n in indices])  # (T, H, W, 3) uint8
 
 
 # --- geometry: letterbox with mask, or square crop -----------------------------------
 
 def check_frames(frames):
+    """A ValueError unless frames is what read_video returns: a uint8 numpy array (T, H, W, 3)."""
     if not (isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3):
         found = f"{frames.dtype} {tuple(frames.shape)}" if hasattr(frames, "shape") else type(frames).__name__
         raise ValueError(f"expected uint8 numpy frames of shape (T, H, W, 3), found {found}")
@@ -238,27 +387,63 @@ def letterbox_box(height, width, canvas=448, patch=14, window=2):
 def letterbox(frames, canvas=448, patch=14, window=2):
     """uint8 frames (T, H, W, 3) -> float32 (T, 4, canvas, canvas): normalised RGB + a 0/1 mask.
 
-    As the release's resize2require_video: each frame is resized straight to the valid box (bicubic, Pillow's default and what
-    the release gets), pasted on a (122, 116, 104) canvas, and the whole canvas is normalised;
-    the mask (1 on the pasted box) is appended after normalisation, as channel 3, unnormalised.
+    As the release's resize2require_video: each frame is resized straight to the valid box (bicubic,
+    Pillow's default and what the release gets) and pasted on a (122, 116, 104) canvas, the canvas
+    is normalised, and the mask (1 on the box) follows as channel 3, unnormalised.
     """
+    return on_canvas(*letterbox_pixels(frames, canvas, patch, window), canvas)
+
+
+def letterbox_pixels(frames, canvas=448, patch=14, window=2):
+    """The one resize of letterbox: uint8 frames (T, H, W, 3) -> (uint8 (T, h, w, 3), the frames resized
+    to their valid box, and that box, (top, left, h, w) on the canvas)."""
     check_frames(frames)
     T, height, width, _ = frames.shape
-    top, left, box_h, box_w = letterbox_box(height, width, canvas, patch, window)
-    pixels = np.empty((T, canvas, canvas, 3), dtype=np.uint8)  # (T, S, S, 3)
-    pixels[:] = LETTERBOX_FILL
+    box = letterbox_box(height, width, canvas, patch, window)
+    _, _, box_h, box_w = box
+    resized = np.empty((T, box_h, box_w, 3), dtype=np.uint8)  # (T, h, w, 3)
     for t in range(T):
-        resized = Image.fromarray(frames[t]).resize((box_w, box_h), Image.Resampling.BICUBIC)
-        pixels[t, top:top + box_h, left:left + box_w] = np.asarray(resized)
-    mask = torch.zeros(T, 1, canvas, canvas)  # (T, 1, S, S)
-    mask[:, :, top:top + box_h, left:left + box_w] = 1.0
-    return torch.cat([normalize_frames(pixels), mask], dim=1)  # (T, 4, S, S)
+        resized[t] = np.asarray(Image.fromarray(frames[t]).resize((box_w, box_h), Image.Resampling.BICUBIC))
+    return resized, box
+
+
+def on_canvas(resized, box, canvas):
+    """letterbox_pixels' (resized, box) -> float32 (T, 4, canvas, canvas). Only the box's pixels are
+    normalised one by one; the padding is one known colour, written as its normalised value."""
+    top, left, box_h, box_w = box
+    out = torch.empty(len(resized), 4, canvas, canvas)  # (T, 4, S, S)
+    out[:, :3] = FILL_NORMALIZED[:, None, None]
+    out[:, 3] = 0.0
+    normalize_into(out[:, :3, top:top + box_h, left:left + box_w], resized)
+    out[:, 3, top:top + box_h, left:left + box_w] = 1.0
+    return out
+
+
+def normalized(pixels):
+    """uint8 RGB (T, H, W, 3) -> float32 (T, 3, H, W) normalised with CLIP's mean and std."""
+    T, height, width, _ = pixels.shape
+    out = torch.empty(T, 3, height, width)
+    normalize_into(out, pixels)
+    return out
+
+
+def normalize_into(out, pixels):
+    """Write uint8 RGB pixels (T, h, w, 3), normalised with CLIP's mean and std, into out, a float32 view
+    (T, 3, h, w): data.normalize_frames' operations (/ 255, - mean, / std) done in place, so its values
+    bit for bit, without a temporary the size of the clip."""
+    channels = torch.from_numpy(pixels).permute(3, 0, 1, 2)  # (3, T, h, w), a view
+    for c in range(3):
+        out[:, c].copy_(channels[c]).div_(255).sub_(CLIP_MEAN[c]).div_(CLIP_STD[c])
 
 
 def resize_center_crop(frames, size):
-    """uint8 frames (T, H, W, 3) -> float32 (T, 3, size, size): short side to size (bicubic), centre crop.
-    The long side is truncated to int(size * long / short) and the crop offset rounded, as CLIP's
-    torchvision Resize + CenterCrop do."""
+    """uint8 frames (T, H, W, 3) -> float32 (T, 3, size, size): short side to size (bicubic), centre crop."""
+    return normalized(center_crop_pixels(frames, size))
+
+
+def center_crop_pixels(frames, size):
+    """The uint8 pixels of resize_center_crop, (T, size, size, 3). The long side is truncated to
+    int(size * long / short) and the crop offset rounded, as CLIP's torchvision Resize + CenterCrop do."""
     check_frames(frames)
     _, height, width, _ = frames.shape
     if height <= width:
@@ -266,17 +451,39 @@ def resize_center_crop(frames, size):
     else:
         new_h, new_w = int(size * height / width), size
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-    crops = np.stack([np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BICUBIC))
-                      [top:top + size, left:left + size] for frame in frames])  # (T, size, size, 3)
-    return normalize_frames(crops)
+    return np.stack([np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BICUBIC))
+                     [top:top + size, left:left + size] for frame in frames])  # (T, size, size, 3)
 
 
 def frames_for_model(frames, cfg):
     """uint8 frames (T, H, W, 3) -> the float tensor (T, C, S, S) a model with PandaConfig cfg takes:
     letterboxed with the mask channel (C = 4) when cfg.letterbox, else resized and centre-cropped (C = 3)."""
+    return tensor_for_model(*pixels_for_model(frames, cfg), cfg.image_size)
+
+
+def pixels_for_model(frames, cfg):
+    """The resize of frames_for_model, all of its work but the cheap rest: (uint8 pixels, letterbox box)
+    when cfg.letterbox, else (the centre crop, None). What a FrameCache stores."""
     if cfg.letterbox:
-        return letterbox(frames, cfg.image_size, cfg.patch_size, cfg.lsd_window)
-    return resize_center_crop(frames, cfg.image_size)
+        return letterbox_pixels(frames, cfg.image_size, cfg.patch_size, cfg.lsd_window)
+    return center_crop_pixels(frames, cfg.image_size), None
+
+
+def mirrored(pixels, box, size):
+    """pixels_for_model's (pixels, box) flipped left to right on a size-px canvas: its tensor is the
+    flipped tensor, mask channel included, so the valid box stays where the pixels are. Flipping the
+    uint8 pixels rather than the float tensor copies a quarter of the bytes."""
+    pixels = np.ascontiguousarray(pixels[:, :, ::-1])  # (T, h, w, 3)
+    if box is None:
+        return pixels, None
+    top, left, box_h, box_w = box
+    return pixels, (top, size - left - box_w, box_h, box_w)
+
+
+def tensor_for_model(pixels, box, size):
+    """pixels_for_model's (pixels, box) -> the float tensor: on a size x size canvas with the mask
+    channel where there is a box, else normalised as they are."""
+    return normalized(pixels) if box is None else on_canvas(pixels, box, size)
 
 
 def video_tensor(path, cfg, threads=0):
@@ -284,6 +491,60 @@ def video_tensor(path, cfg, threads=0):
     the release does, never flipped (the release flips at evaluation too; we flip only in training)."""
     frames, _ = read_video(path, cfg.n_frames, threads)  # (T, H, W, 3) uint8
     return frames_for_model(frames, cfg)
+
+
+# --- a cache of resized frames -------------------------------------------------------------
+
+class FrameCache:
+    """Each video's sampled frames after their one resize (pixels_for_model, uint8), written once into
+    folder and read back instead of decoding again: a later epoch or run costs a file read, not a decode.
+
+    An entry is keyed by the video file (its absolute path, size and modification time) and by every
+    setting that changes the pixels (`settings`: frames, sizes, patch, window, letterbox, teacher size),
+    so an edited video or a run with other settings never reads a stale entry. It is written atomically
+    (a temporary file renamed into place): a crash, or two workers writing one entry, leave a whole
+    entry. A read_video warning is given when the entry is written, not again at each read. The flip
+    happens after the cache, so both orientations train from one entry."""
+
+    VERSION = 1  # of the entry layout; a new layout gets new keys
+
+    def __init__(self, folder, settings):
+        self.folder, self.settings = Path(folder), dict(settings)
+
+    def entry(self, path):
+        """(the entry's file, its key: the text that names everything the pixels depend on)."""
+        path = Path(path).resolve()
+        stat = path.stat()
+        key = json.dumps({"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                          "version": self.VERSION, **self.settings}, sort_keys=True)
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self.folder / digest[:2] / f"{digest}.npz", key
+
+    def load(self, path):
+        """{name: (pixels, box or None)} as saved for this video and these settings, or None."""
+        file, key = self.entry(path)
+        if not file.is_file():
+            return None
+        try:
+            with np.load(file, allow_pickle=False) as saved:
+                if str(saved["key"]) != key:  # another video with the same digest: never in practice
+                    return None
+                return {name: (saved[name], tuple(saved[f"{name}_box"].tolist()) if f"{name}_box" in saved else None)
+                        for name in str(saved["names"]).split()}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: decode and write anew
+            warnings.warn(f"{file}: unreadable frame cache entry for {path} ({err}); it is written again")
+            return None
+
+    def save(self, path, prepared):
+        """Store {name: (pixels uint8, box or None)} for this video."""
+        file, key = self.entry(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"key": np.array(key), "names": np.array(" ".join(prepared))}
+        for name, (pixels, box) in prepared.items():
+            arrays[name] = pixels
+            if box is not None:
+                arrays[f"{name}_box"] = np.array(box)
+        common.write_atomically(file, lambda f: np.savez(f, **arrays))
 
 
 # --- the release's chat templates ------------------------------------------------------------
@@ -389,6 +650,14 @@ class VideoTextDataset(Dataset):
     """What the instruction and QA datasets share: a video file -> the tensor a model with PandaConfig
     cfg takes (frames_for_model), flips in training, the prompt's ids and labels, bad entries.
 
+    teacher_size > 0 adds "teacher_video" to each item: the same decoded frames letterboxed on a
+    teacher_size canvas with 14 px patches and one patch per block (the release's teacher layout, 224
+    for its 448 px student), for a distillation teacher. Its valid box is the student's scaled down,
+    and in training it flips with the student's clip (the release flips the two independently).
+
+    frame_cache: a folder for a FrameCache of the resized frames ("" = none), which later epochs and
+    runs with the same settings read instead of decoding.
+
     A bad annotation entry is an AnnotationError when the file is read (on_error="raise") or left out
     and listed in .invalid_entries (on_error="skip"). A video that cannot be used never raises in
     __getitem__: the item is {"id", "skipped": reason}, which collate_video_batch lists in
@@ -398,12 +667,17 @@ class VideoTextDataset(Dataset):
     strings and a tokenizers.Tokenizer, both picklable, so DataLoader workers fork or spawn fine."""
 
     def __init__(self, video_folder, tokenizer, template, cfg, *, train=False, flip_prob=0.5, on_error="raise",
-                 max_text_tokens=4096, decode_threads=0):
+                 max_text_tokens=4096, decode_threads=0, teacher_size=0, frame_cache=""):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if teacher_size < 0 or teacher_size % TEACHER_PATCH:
+            raise ValueError(f"teacher_size must be 0 (no teacher) or a multiple of {TEACHER_PATCH}, got {teacher_size}")
         self.video_folder, self.tokenizer, self.template, self.cfg = Path(video_folder), tokenizer, template, cfg
         self.train, self.flip_prob, self.on_error = train, flip_prob, on_error
-        self.max_text_tokens, self.decode_threads = max_text_tokens, decode_threads
+        self.max_text_tokens, self.decode_threads, self.teacher_size = max_text_tokens, decode_threads, teacher_size
+        settings = dict(n_frames=cfg.n_frames, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                        lsd_window=cfg.lsd_window, letterbox=cfg.letterbox, teacher_size=teacher_size)
+        self.cache = FrameCache(frame_cache, settings) if frame_cache else None
         self.samples, self.invalid_entries = [], []  # invalid_entries: reasons, under on_error="skip"
 
     def parse_all(self, entries, parse, path):
@@ -431,15 +705,24 @@ class VideoTextDataset(Dataset):
         except (VideoError, AnnotationError) as err:
             return {"id": self.samples[index]["id"], "skipped": str(err)}
 
-    def load_video(self, sample):
+    def load_videos(self, sample):
+        """{"video": (T, C, S, S)} of a sample, and "teacher_video" (T, 4, t, t) with teacher_size t: from
+        the frame cache where it holds them, else decoded and resized (and then stored in the cache)."""
         path = resolve_video(self.video_folder, sample["video"], sample["id"])
-        frames, _ = read_video(path, self.cfg.n_frames, self.decode_threads)  # (T, H, W, 3) uint8
-        video = frames_for_model(frames, self.cfg)  # (T, C, S, S)
+        prepared = self.cache.load(path) if self.cache else None  # {name: (uint8 pixels, box)}
+        if prepared is None:
+            frames, _ = read_video(path, self.cfg.n_frames, self.decode_threads)  # (T, H, W, 3) uint8
+            prepared = {"video": pixels_for_model(frames, self.cfg)}
+            if self.teacher_size:
+                prepared["teacher_video"] = letterbox_pixels(frames, self.teacher_size, TEACHER_PATCH, 1)
+            if self.cache:
+                self.cache.save(path, prepared)
+        sizes = {"video": self.cfg.image_size, "teacher_video": self.teacher_size}
         # torch's RNG, not numpy's: DataLoader reseeds torch in each worker, numpy's state is forked as is.
-        # The mask channel flips with the frames, so the valid box stays where the pixels are.
+        # One draw flips the student's and the teacher's copies together.
         if self.train and torch.rand(()) < self.flip_prob:
-            video = video.flip(-1)
-        return video
+            prepared = {name: mirrored(pixels, box, sizes[name]) for name, (pixels, box) in prepared.items()}
+        return {name: tensor_for_model(pixels, box, sizes[name]) for name, (pixels, box) in prepared.items()}
 
     def tokenize(self, sample, turns):
         ids, labels = tokenize_conversation(self.tokenizer, self.template, turns)
@@ -454,7 +737,8 @@ class VideoTextDataset(Dataset):
 class VideoInstructionDataset(VideoTextDataset):
     """Video-ChatGPT / Valley instruction data (the release's training format): a JSON list of {"id", "video",
     "conversations": [{"from": "human", "value": "<video>\\n..."}, {"from": "gpt", "value": ...}, ...]}.
-    Items: {"id", "video" float32 (T, C, S, S), "input_ids", "labels"}; labels on the answers only."""
+    Items: {"id", "video" float32 (T, C, S, S), "input_ids", "labels"} (and "teacher_video" with teacher_size);
+    labels on the answers only."""
 
     def __init__(self, annotation_path, video_folder, tokenizer, cfg, template=VICUNA_V1, **options):
         super().__init__(video_folder, tokenizer, template, cfg, **options)
@@ -464,7 +748,7 @@ class VideoInstructionDataset(VideoTextDataset):
 
     def make_item(self, sample):
         ids, labels = self.tokenize(sample, sample["turns"])
-        return {"id": sample["id"], "video": self.load_video(sample), "input_ids": ids, "labels": labels}
+        return {"id": sample["id"], **self.load_videos(sample), "input_ids": ids, "labels": labels}
 
 
 class VideoQADataset(VideoTextDataset):
@@ -491,22 +775,25 @@ class VideoQADataset(VideoTextDataset):
         answer = sample["answer"] if self.include_answer else None
         ids, labels = self.tokenize(sample, [(sample["question"], answer)])
         prompt_len = next((k for k, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
-        return {"id": sample["id"], "video": self.load_video(sample), "input_ids": ids, "labels": labels,
+        return {"id": sample["id"], **self.load_videos(sample), "input_ids": ids, "labels": labels,
                 "question": sample["question"], "answer": sample["answer"], "video_name": sample["video"],
                 "prompt_len": prompt_len}
 
 
 def collate_video_batch(items, pad_id=0):
     """collate() of the items that loaded, plus batch["skipped"]: (id, reason) of those that did
-    not, and every other field as a list (batch["id"], batch["question"], ...). If nothing loaded,
-    videos/input_ids/labels/lengths are None: log batch["skipped"] and move on.
+    not, batch["teacher_videos"] (B, T, 4, t, t) where items carry "teacher_video", and every other
+    field as a list (batch["id"], batch["question"], ...). If nothing loaded, videos/input_ids/labels/
+    lengths are None: log batch["skipped"] and move on.
     pad_id 0 is the release's (pad = unk = 0 for Llama); use functools.partial to change it."""
     kept = [item for item in items if "skipped" not in item]
     skipped = [(item["id"], item["skipped"]) for item in items if "skipped" in item]
     if not kept:
         return {**dict.fromkeys(("videos", "input_ids", "labels", "lengths")), "skipped": skipped}
     batch = collate(kept, pad_id=pad_id)
-    for key in kept[0].keys() - {"video", "input_ids", "labels"}:
+    if "teacher_video" in kept[0]:
+        batch["teacher_videos"] = torch.stack([item["teacher_video"] for item in kept])  # (B, T, 4, t, t)
+    for key in kept[0].keys() - {"video", "teacher_video", "input_ids", "labels"}:
         batch[key] = [item[key] for item in kept]
     batch["skipped"] = skipped
     return batch
@@ -536,7 +823,7 @@ def report_skipped(skipped, dataset):
         print(f"  {message}")
 
 
-def batches(dataset, batch_size, seed, place, on_error, skipped, num_workers=2, rank=0, world=1):
+def batches(dataset, batch_size, seed, place, on_error, skipped, num_workers=2, rank=0, world=1, pin_memory=None):
     """Endless training batches of a dataset, as (batch, place), place = (epoch, position). Epoch e
     visits the samples in the order of a permutation seeded by (seed, e); position counts the samples
     of the epoch used so far, so the place saved in a checkpoint is where a resumed run goes on.
@@ -547,26 +834,44 @@ def batches(dataset, batch_size, seed, place, on_error, skipped, num_workers=2, 
     batches of all processes together are samples k*B*world .. (k+1)*B*world - 1 of the order, the
     k-th batch of one process with the global batch B*world (until a sample is skipped). Each process
     keeps its own place in its share, so one that skips a sample, or ends its share of an epoch a
-    batch earlier, still yields one batch per micro-step, like the others: no coordination."""
+    batch earlier, still yields one batch per micro-step, like the others: no coordination.
+
+    One DataLoader serves the whole run: its num_workers processes start once, and the next epoch's
+    first batches are decoded while this epoch's last ones train. Each worker keeps two batches ready
+    (PyTorch's prefetch); batches go to pinned memory when pin_memory (None: when CUDA is available).
+    The dataset's decode_threads should be 1 here: the workers are the parallelism."""
+    share = len(range(rank, len(dataset), world))
+    if share == 0:
+        raise ValueError(f"process {rank} of {world} has no samples: the dataset holds {len(dataset)}")
+    # The workers' flip RNG is seeded from (seed, epoch, position, rank) of the starting place: a run is
+    # reproducible from any starting point, though a resumed run flips other clips than an uninterrupted one.
+    epoch, position = place
+    flips = torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, position, rank]).integers(2**62)))
+    plan = (indices for _, _, indices in epoch_batches(len(dataset), batch_size, seed, place, rank, world))
+    loader = DataLoader(dataset, batch_sampler=plan, num_workers=num_workers, collate_fn=collate_video_batch,
+                        generator=flips, pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
+    n_kept, counting = 0, position == 0  # whether the current epoch is seen from its start
+    # The loader yields its batches in the plan's order, so a second walk of the plan names their places.
+    for batch, (batch_epoch, position, _) in zip(loader, epoch_batches(len(dataset), batch_size, seed, place,
+                                                                      rank, world)):
+        if batch_epoch != epoch:
+            if counting and n_kept == 0:
+                whose = "its" if world == 1 else f"process {rank}'s"
+                raise VideoError(f"not one of {whose} {share} samples loads; the last reason: {skipped[-1]}")
+            epoch, n_kept, counting = batch_epoch, 0, True
+        apply_error_policy(batch, on_error, skipped)
+        if batch["lengths"] is not None:
+            n_kept += len(batch["lengths"])
+            yield batch, (epoch, position)
+
+
+def epoch_batches(n_samples, batch_size, seed, place, rank, world):
+    """The plan of batches(): endless (epoch, position after the batch, the batch's sample indices),
+    from place = (epoch, position) on. A batch never spans two epochs: an epoch's last may be smaller."""
     epoch, position = place
     while True:
-        order = np.random.default_rng([seed, epoch]).permutation(len(dataset))[rank::world][position:].tolist()
-        # The workers' flip RNG is seeded from (seed, epoch, position, rank): a run is reproducible from any
-        # starting point, though a resumed epoch flips other clips than an uninterrupted one would.
-        flips = torch.Generator().manual_seed(int(np.random.default_rng([seed, epoch, position, rank])
-                                                  .integers(2**62)))
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
-                            collate_fn=collate_video_batch, generator=flips)
-        n_kept, started_at = 0, position
-        for batch in loader:
-            kept = 0 if batch["lengths"] is None else len(batch["lengths"])
-            position += kept + len(batch["skipped"])
-            apply_error_policy(batch, on_error, skipped)
-            if kept:
-                n_kept += kept
-                yield batch, (epoch, position)
-        if n_kept == 0 and started_at == 0:
-            whose = "its" if world == 1 else f"process {rank}'s"
-            raise VideoError(f"not one of {whose} {len(range(rank, len(dataset), world))} samples loads; "
-                             f"the last reason: {skipped[-1]}")
+        order = np.random.default_rng([seed, epoch]).permutation(n_samples)[rank::world].tolist()
+        for start in range(position, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            yield epoch, start + len(indices), indices
         epoch, position = epoch + 1, 0
