@@ -44,7 +44,6 @@ def leave():
     destruction keeps gloo's threads running into the interpreter's exit, which then aborts now and
     then ("terminate called without an active exception")."""
     if dist.is_initialized():
-        gc.unfreeze()  # objects that gc.freeze() froze (real data) are never collected otherwise
         gc.collect()  # main()'s models: FSDP's hold themselves in reference cycles
         dist.destroy_process_group()
 

@@ -19,7 +19,6 @@ directories and models trained on instruction data get the release's evaluation 
 (videopanda_v1); --template overrides. Greedy by default; --temperature, --top_k and --seed sample.
 """
 
-import gc
 import json
 import sys
 from dataclasses import dataclass, replace
@@ -125,11 +124,10 @@ def answer_qa_set(sc, model, tokenizer, template, device):
     pred_out = Path(sc.pred_out)
     check_pred_out(pred_out, [sc.eval, sc.answers])
     dataset = video.VideoQADataset(sc.eval, sc.answers, sc.video_folder, tokenizer, model.cfg, template,
-                                   on_error=sc.on_error)
+                                   on_error=sc.on_error, decode_threads=1)  # one thread a worker: workers in parallel
     if len(dataset) == 0:
         raise ValueError(f"{sc.eval}: no questions to answer")
     eos_id = data.special_token_id(tokenizer, template.eos)
-    gc.freeze()  # imageio's gc.collect() on every closed video is much cheaper then
     loader = DataLoader(dataset, batch_size=sc.batch_size, num_workers=sc.num_workers,
                         collate_fn=video.collate_video_batch)
     records, skipped = [], []

@@ -67,6 +67,7 @@ class TrainConfig:
     data: str = ""              # the annotation JSON; empty = the synthetic task
     video_folder: str = ""      # where its "video" names are looked up
     num_workers: int = 2        # DataLoader processes decoding videos while the model trains
+    frame_cache: str = ""       # cache the resized frames here: later epochs and stages read them, not decode
     on_error: str = "raise"     # an unusable video or entry: raise (stop) | skip (log it, count it, go on)
     export: str = ""            # also write the model as a checkpoint directory here at the end (weights.py)
 
@@ -80,7 +81,7 @@ STAGES = {  # Sec. 3.2 and the release's scripts: what trains after a pretrained
 # be as the run began (its data order, its model, its rates); a different value is an error, not ignored.
 RESUMABLE = {"init_from", "out_dir", "max_steps", "eval_every", "eval_samples", "save_every", "max_new_tokens",
              "device", "compile", "num_workers", "on_error", "export", "video_folder", "grad_checkpoint", "fast",
-             "teacher"}
+             "teacher", "frame_cache"}
 
 
 def lr_at(step, tc):
@@ -326,7 +327,7 @@ def real_batches(r, ckpt):
     import video  # real data needs PyAV and Pillow; the synthetic run does not
     tc = r.tc
     r.dataset = video.VideoInstructionDataset(tc.data, tc.video_folder or ".", r.tokenizer, r.cfg, train=True,
-                                              on_error=tc.on_error, decode_threads=1,
+                                              on_error=tc.on_error, decode_threads=1, frame_cache=tc.frame_cache,
                                               teacher_size=r.teacher.image_size if tc.distill == "vit" else 0)
     if len(r.dataset) < r.world:
         raise ValueError(f"{tc.data} has {len(r.dataset)} usable entries, fewer than the {r.world} processes")

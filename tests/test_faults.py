@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import common
-import sample
 import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -358,3 +358,22 @@ def test_the_synthetic_run_needs_none_of_the_real_video_or_checkpoint_packages(t
         result = subprocess.run([sys.executable, "-c", block, script, *options], cwd=ROOT, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_real_data_distils_from_a_vit_teacher_and_resumes(tiny_llm, instructions, tmp_path, capsys):
+    """--teacher=DIR: a CLIP vision checkpoint (here tiny and random: 28-px frames in 14-px patches, the
+    nano student's 2x2 grid) distils in the prealign stage on letterboxed real clips; the head is saved
+    and the run resumes. Without real data, --teacher is an error that says so."""
+    transformers = pytest.importorskip("transformers")
+    teacher = tmp_path / "clip"
+    transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=14,
+        image_size=28)).save_pretrained(teacher)
+    out = tmp_path / "out"
+    ckpt = pretrained_run(tiny_llm, out, "--stage=prealign", "--on_error=skip", f"--teacher={teacher}", *instructions)
+    assert ckpt["train_config"]["distill"] == "vit" and ckpt["distill_head"]["input_layer.weight"].shape == (32, 64)
+    assert f"distillation vit ({teacher})" in capsys.readouterr().out
+    train.main([f"--out_dir={out}", "--init_from=resume", "--max_steps=3"])
+    assert common.load_checkpoint(out / "ckpt.pt")["step"] == 3
+    with pytest.raises(ValueError, match="--teacher=DIR is the ViT that distils on real data"):
+        train.main(NANO + [f"--teacher={teacher}", f"--out_dir={tmp_path / 'synthetic'}"])

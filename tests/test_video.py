@@ -13,7 +13,6 @@ import multiprocessing
 import pickle
 import re
 import struct
-import sys
 import warnings
 from fractions import Fraction
 from io import BytesIO

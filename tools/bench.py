@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, wherever this runs from
 import common  # noqa: E402
 import inference  # noqa: E402
+from distill import ViT, ViTConfig  # noqa: E402
 import panda  # noqa: E402
 from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig, VideoPanda  # noqa: E402
 
@@ -407,42 +407,6 @@ def bench_stab(ctx):
 # 2. ViT-L/14, the encoder that encoder-free models do without
 # ============================================================================================
 
-class ViT(nn.Module):
-    """A CLIP-style image encoder: patch conv without bias, class token, learned positions, a LayerNorm
-    before the blocks, pre-LN blocks with SDPA attention and a QuickGELU MLP."""
-
-    def __init__(self, width, layers, heads, mlp, patch, image):
-        super().__init__()
-        self.patch = nn.Conv2d(3, width, patch, patch, bias=False)
-        self.cls = nn.Parameter(torch.randn(width) * 0.02)
-        self.pos = nn.Parameter(torch.randn((image // patch) ** 2 + 1, width) * 0.02)
-        self.pre_norm = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(ViTBlock(width, heads, mlp) for _ in range(layers))
-
-    def forward(self, x):  # (N, 3, S, S) -> (N, 1 + patches, width)
-        x = self.patch(x).flatten(2).transpose(1, 2)
-        x = self.pre_norm(torch.cat([self.cls.expand(x.shape[0], 1, -1), x], 1) + self.pos)
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-class ViTBlock(nn.Module):
-    def __init__(self, width, heads, mlp):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.fc1, self.fc2 = nn.Linear(width, mlp), nn.Linear(mlp, width)
-
-    def forward(self, x):
-        B, L, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, C))
-        h = self.fc1(self.norm2(x))
-        return x + self.fc2(h * torch.sigmoid(1.702 * h))  # QuickGELU, as CLIP
-
-
 def vit_shape(ctx):
     if ctx.args.preset == "paper":
         return dict(width=1024, layers=24, heads=16, mlp=4096, patch=14), (224, 336)
@@ -450,7 +414,7 @@ def vit_shape(ctx):
 
 
 def make_vit(ctx, kind, shape, image):
-    """kind "hf": transformers' CLIPVisionModel with SDPA attention; "own": the ViT above."""
+    """kind "hf": transformers' CLIPVisionModel with SDPA attention; "own": distill.ViT, the same model."""
     with torch.device(ctx.device):
         if kind == "hf":
             from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -460,7 +424,7 @@ def make_vit(ctx, kind, shape, image):
             model = CLIPVisionModel(config).to(ctx.dtype).eval()
             ctx.log(f"  CLIPVisionModel, attention: {model.config._attn_implementation}")
             return model, lambda x: model(pixel_values=x).last_hidden_state
-        model = ViT(image=image, **shape).to(ctx.dtype).eval()
+        model = ViT(ViTConfig(image=image, **shape)).to(ctx.dtype).eval()  # the distillation teacher's ViT
         return model, model
 
 
