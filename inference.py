@@ -68,8 +68,8 @@ def compile_decoding(model, batch=1, slots=None, mode="reduce-overhead"):
     own kernels for the batch-1 matrix-vector products (coordinate descent, as gpt-fast does)."""
     param = next(model.decoder.parameters())
     cache = KVCache(model.cfg, batch, slots or model.cfg.max_seq_len, param.dtype, param.device)
-    torch._dynamo.mark_static_address(cache.k)
-    torch._dynamo.mark_static_address(cache.v)
+    for buffer in cache.k + cache.v:
+        torch._dynamo.mark_static_address(buffer)
     torch._inductor.config.coordinate_descent_tuning = True
     model.decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
     return cache

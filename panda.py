@@ -478,10 +478,10 @@ class KVCache:
     (B, n_kv_heads, slots, head_dim), written in place at the slots of new tokens. Its shapes never
     change, so a compiled decode step can replay one CUDA graph per token (as gpt-fast does)."""
 
-    def __init__(self, cfg, batch, slots, dtype, device):
-        shape, self.slots = (cfg.n_layers, batch, cfg.n_kv_heads, slots, cfg.dim_per_head), slots
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: slots not written yet are masked,
-        self.v = torch.zeros(shape, dtype=dtype, device=device)  # and never NaN
+    def __init__(self, cfg, batch, slots, dtype, device):  # one tensor per layer: each is updated in place
+        shape, self.slots = (batch, cfg.n_kv_heads, slots, cfg.dim_per_head), slots
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]  # zeros: masked,
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]  # never NaN
 
 
 class Decoder(nn.Module):
@@ -634,7 +634,7 @@ class VideoPanda(nn.Module):
 
     def decode_step(self, token, positions, visible, cache, slots):
         """New tokens (B,) at positions (B,) -> next-token logits (B, V); the same shapes at every step."""
-        emb = self.decoder.embed_tokens(token[:, None]).to(cache.k.dtype)
+        emb = self.decoder.embed_tokens(token[:, None]).to(cache.k[0].dtype)
         return self.decoder.lm_head(self.decoder(emb, positions[:, None], visible[:, None, None], cache, slots)[:, -1])
 
 
