@@ -1,19 +1,13 @@
-"""The synthetic video-QA task: the default data, made on the fly, nothing downloaded. It imports
-only torch, numpy and tokenizers.
-
-Short clips of coloured shapes on black that move, stay, appear, disappear or change colour, and
-questions in two families: spatial ones can be answered from any single frame, temporal ones need
-the frames in order (which way, appear or disappear, what colour at the end). Split "heldout" asks
-about (shape, colour) pairs that "train" never shows; "test" is fresh clips drawn like "train".
+"""The synthetic video-QA task, the default data: made on the fly, nothing downloaded (torch, numpy and
+tokenizers only). Clips of coloured shapes on black that move, stay, appear, disappear or change colour;
+spatial questions can be answered from any one frame, temporal ones need the frames in order. Split
+"heldout" asks about (shape, colour) pairs "train" never shows; "test" is fresh clips drawn like "train".
 Sample i of a split is the same on every machine, so a training run resumes by remembering an index.
 
-What a batch is, for every data source (real videos too, video.py):
-  videos     (B, T, C, S, S) float32, C = 3, or 4 with the letterbox mask as channel 3
-  input_ids  (B, L) int64, right-padded, with VIDEO_PLACEHOLDER once per row where the video goes
-  labels     (B, L) int64, IGNORE_INDEX on every token that is not an answer
-  lengths    (B,) real (non-padding) tokens per row
-The prompt format (ChatTemplate, tokenize_conversation) is shared too: the release's templates for
-real data live in video.py, the synthetic task's own, SYNTHETIC, here.
+A batch, from every data source (real videos too, video.py): videos (B, T, C, S, S) float32, C = 3, or 4
+with the letterbox mask as channel 3; input_ids (B, L) int64, right-padded, one VIDEO_PLACEHOLDER per row
+where the video goes; labels (B, L), IGNORE_INDEX but on answers; lengths (B,) real tokens per row. The
+prompt format (ChatTemplate, tokenize_conversation) is shared too: the release's templates are in video.py.
 """
 
 import itertools

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import common
+from checkpoint_files import write_bin
 import distill
 import video
 from distill import DistillHead, ViT, ViTConfig, distill_loss, valid_patches
@@ -33,22 +34,6 @@ def hf_vision(act="quick_gelu", **changes):
         for name, p in model.named_parameters():
             p.copy_(("norm" in name) + 0.3 * torch.randn(p.shape, generator=g))
     return model.eval()
-
-
-def write_bin(state, path, shards):
-    """pytorch_model.bin, or shards with their index, as transformers 4 wrote them."""
-    path.mkdir(exist_ok=True)
-    if shards == 1:
-        torch.save(state, path / "pytorch_model.bin")
-        return path
-    keys, weight_map = list(state), {}
-    for i in range(shards):
-        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        part = keys[i * len(keys) // shards:(i + 1) * len(keys) // shards]
-        torch.save({k: state[k] for k in part}, path / name)
-        weight_map |= {k: name for k in part}
-    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return path
 
 
 def save(hf, path, layout):

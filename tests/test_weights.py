@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import common
+from checkpoint_files import write_bin
 from panda import VIDEO_PLACEHOLDER, KVCache, PandaConfig, VideoPanda, rope_inv_freq
 from tools import export as export_tool
 from weights import CheckpointError, config_from_hf, from_pretrained, save_pretrained
@@ -58,19 +59,6 @@ def save_hf(model, path, layout):
     else:
         model.config.save_pretrained(path)
         write_bin(model.state_dict(), path, shards=1 if layout == "bin" else 2)
-
-
-def write_bin(state, path, shards):
-    if shards == 1:
-        torch.save(state, path / "pytorch_model.bin")
-        return
-    keys, weight_map = list(state), {}
-    for i in range(shards):
-        name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
-        part = keys[i * len(keys) // shards:(i + 1) * len(keys) // shards]
-        torch.save({k: state[k] for k in part}, path / name)
-        weight_map |= {k: name for k in part}
-    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def our_logits(model, ids):
