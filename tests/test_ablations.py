@@ -1,4 +1,4 @@
-"""Tests of the Table 4 ablation switches (spec G.4): each one removes exactly its component, the
+"""Tests of the paper's Table 4 ablation switches: each one removes exactly its component, the
 default configuration is the full model unchanged, and letterbox packing stays right."""
 
 import pytest
@@ -39,7 +39,7 @@ def clip(cfg, B=2, seed=0):
 
 def reference_tokens(stab, video):
     """Square frames -> (B, T * tokens_per_frame, C), written out chunk by chunk and frame by frame
-    from the spec's description (B.3) with Table 4's ablations, independent of STAB.forward."""
+    from the release's vision_tokenizer.py with Table 4's ablations, independent of STAB.forward."""
     cfg, C, s, k = stab.cfg, stab.cfg.stab_dim, stab.cfg.lsd_window, stab.cfg.chunk_frames
     out = []
     for frames in video:  # (T, 3, S, S)

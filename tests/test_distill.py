@@ -1,4 +1,4 @@
-"""Tests of distillation (spec D): the loss, the head, where the grid tokens sit in the spliced
+"""Tests of distillation (Sec. 3.2, the release's VideoCompressor): the loss, the head, where the grid tokens sit in the spliced
 sequence, gradients into the STAB, the oracle teacher against the pixels, and train.py --distill."""
 
 import numpy as np
@@ -39,7 +39,7 @@ def test_loss_is_0_for_identical_features_and_2_for_opposite_ones():
 
 
 def test_loss_averages_frames_not_cells():
-    """Spec D.5: a frame with fewer valid cells weighs as much as one with more."""
+    """As the release: a frame with fewer valid cells weighs as much as one with more."""
     target = torch.randn(2, 1, 2, 2, 8)
     pred = target.clone()
     pred[0, 0, 0, 0] = -pred[0, 0, 0, 0]  # video 0 has one valid cell, and it is opposite: loss 2
