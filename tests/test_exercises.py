@@ -1,6 +1,8 @@
-"""Checks of the solutions in exercises.py (EXERCISES.md). An exercise still raising NotImplementedError
-is skipped; an attempted one is compared with panda's own behaviour."""
+"""Checks of the answers in exercises.py (docs/EXERCISES.md). An exercise still raising NotImplementedError
+is skipped; an attempted one is compared with panda's own behaviour. tests/test_exercise_key.py proves
+the checks on worked answers: the correct ones all pass, the wrong ones all fail."""
 
+import functools
 from dataclasses import asdict
 from types import SimpleNamespace
 
@@ -13,12 +15,15 @@ import weights
 from panda import FSRA, GSTRA, LSD, PandaConfig, QueryAttention, VideoPanda
 
 
-def attempt(function, *args):
-    """function(*args), or skip the test while the exercise is still the stub."""
-    try:
-        return function(*args)
-    except NotImplementedError:
-        pytest.skip(f"exercise not attempted yet: {function.__qualname__} in exercises.py")
+def attempted(answer):
+    """answer, except that a call raising NotImplementedError (the stub) skips the test."""
+    @functools.wraps(answer)
+    def call(*args, **kwargs):
+        try:
+            return answer(*args, **kwargs)
+        except NotImplementedError:
+            pytest.skip(f"exercise not attempted yet: {answer.__qualname__} in exercises.py")
+    return call
 
 
 def randomize(module, std=0.5):
@@ -32,31 +37,40 @@ def randomize(module, std=0.5):
 
 # --------------------------------------------------------------------------- 1. LSD
 
-class DoNotCall(QueryAttention):
-    def forward(self, *args, **kwargs):
-        raise AssertionError("exercise 1 asks for the attention written out: use attn's layers, not attn(...)")
+def refuse(*args, **kwargs):
+    """What QueryAttention's methods do while an answer to exercise 1 runs."""
+    raise AssertionError("exercise 1 asks for the attention written out with attn's layers: calling attn, "
+                         "or a method of QueryAttention, is not an answer")
+
+
+def check_lsd(answer, window, shape):
+    """The answer equals panda's LSD, without calling QueryAttention."""
+    cfg = SimpleNamespace(lsd_window=window, stab_dim=32, stab_heads=4, lsd="attention", fast=True)
+    reference = randomize(LSD(cfg))
+    x = torch.randn(*shape, 32)
+    expected = reference(x)
+    with pytest.MonkeyPatch.context() as patch:  # however they are called, bound or not
+        for method in ("forward", "attention", "pooled"):
+            patch.setattr(QueryAttention, method, refuse)
+        out = answer(x, reference.attn, window)
+    F_, H, W = shape
+    assert out.shape == (F_, H // window, W // window, 32)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("window, shape", [(2, (3, 4, 6)), (3, (2, 6, 9))])
 def test_1_lsd(window, shape):
-    cfg = SimpleNamespace(lsd_window=window, stab_dim=32, stab_heads=4, lsd="attention", fast=True)
-    reference = randomize(LSD(cfg))
-    attn = DoNotCall(32, 4)
-    attn.load_state_dict(reference.attn.state_dict())
-    x = torch.randn(*shape, 32)
-    out = attempt(exercises.lsd, x, attn, window)
-    F_, H, W = shape
-    assert out.shape == (F_, H // window, W // window, 32)
-    torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-4)
+    check_lsd(attempted(exercises.lsd), window, shape)
 
 
 # --------------------------------------------------------------------------- 2. GSTRA per frame
 
-def test_2_gstra_per_frame():
+def check_gstra_per_frame(answer):
+    """Each frame's token is GSTRA on that frame alone, in chunk-then-frame order."""
     cfg = PandaConfig.preset("nano", stab_dropout=0.0)
     gstra = randomize(GSTRA(cfg)).eval()
     local = torch.randn(3, 2, 4, 5, 32)  # 3 chunks of 2 frames of 4 x 5 patches, channels last
-    out = attempt(exercises.gstra_per_frame, gstra, local)
+    out = answer(gstra, local)
     assert out.shape == (6, 32)
     for n in range(3):
         for i in range(2):
@@ -64,27 +78,38 @@ def test_2_gstra_per_frame():
             torch.testing.assert_close(out[2 * n + i], gstra(frame)[0], rtol=1e-4, atol=1e-4)
     changed = local.clone()
     changed[1, 0] += 1  # frame 0 of chunk 1: only its own token may change
-    moved = (exercises.gstra_per_frame(gstra, changed) - out).abs().amax(1) > 1e-6
+    moved = (answer(gstra, changed) - out).abs().amax(1) > 1e-6
     assert moved.tolist() == [False, False, True, False, False, False]
+
+
+def test_2_gstra_per_frame():
+    check_gstra_per_frame(attempted(exercises.gstra_per_frame))
 
 
 # --------------------------------------------------------------------------- 3. the number of frames
 
-@pytest.mark.parametrize("n_frames", [2, 4, 6, 8, 12, 16, 24])
-def test_3_config_for_frames(n_frames):
-    cfg = attempt(exercises.config_for_frames, n_frames)
+def check_config_for_frames(answer, n_frames):
+    """The three fields follow the exercise's rules, and the model they build takes a training batch."""
+    cfg = answer(n_frames)
     tiny = PandaConfig.preset("tiny")
     changed = {k for k, v in asdict(cfg).items() if v != asdict(tiny)[k]}
-    assert changed <= {"n_frames", "chunk_frames", "max_seq_len"}
-    assert cfg.n_frames == n_frames and cfg.chunk_frames == max(c for c in (1, 2, 3, 4) if n_frames % c == 0)
+    assert changed <= {"n_frames", "chunk_frames", "max_seq_len"}, f"only those three may change, not {changed}"
+    assert cfg.n_frames == n_frames
+    assert cfg.chunk_frames == max(c for c in (1, 2, 3, 4) if n_frames % c == 0), \
+        "chunk_frames: the largest divisor of n_frames that is at most 4"
     needed = n_frames * cfg.tokens_per_frame + 128
-    assert needed <= cfg.max_seq_len <= 2 * needed
+    assert needed <= cfg.max_seq_len <= 2 * needed, f"max_seq_len: from {needed} to {2 * needed}"
     tokenizer = data.build_tokenizer()
     torch.manual_seed(0)
     model = VideoPanda(PandaConfig(**(asdict(cfg) | {"vocab_size": tokenizer.get_vocab_size()})))
     batch = data.SyntheticQA(tokenizer, "train", n_frames, cfg.image_size, 4).batch(0, 2)
     x, _, lengths = model.embed_inputs(batch["videos"], batch["input_ids"], lengths=batch["lengths"])
     assert int(lengths.max()) + 8 <= cfg.max_seq_len  # the longest training chat, and room to answer
+
+
+@pytest.mark.parametrize("n_frames", [2, 4, 6, 8, 12, 16, 24])
+def test_3_config_for_frames(n_frames):
+    check_config_for_frames(attempted(exercises.config_for_frames), n_frames)
 
 
 # --------------------------------------------------------------------------- 4. another pretrained decoder
@@ -107,27 +132,38 @@ HF_CONFIGS = {  # config.json fields of real checkpoints (trimmed)
                          num_key_value_heads=8, head_dim=128, intermediate_size=14336, rms_norm_eps=1e-5,
                          vocab_size=131072, max_position_embeddings=131072, rope_theta=1000000.0),
 }
+DECODER_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "rms_eps",
+                  "rope_theta", "max_seq_len", "qkv_bias", "tie_embeddings")
+ROPE_SCALING = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len")
+
+
+def check_decoder_config(answer, hf):
+    """The decoder that the answer's fields build equals the one the loader's own reading builds: the
+    same field values (head_dim by what it means, dim_per_head) and the same weight shapes."""
+    ours = answer(hf)
+    assert set(ours) <= set(DECODER_FIELDS + ROPE_SCALING), f"not decoder fields: {set(ours) - set(DECODER_FIELDS)}"
+    cfg = PandaConfig.preset("paper", **ours)
+    expected = PandaConfig.preset("paper", **weights.decoder_fields(hf))
+    for name in DECODER_FIELDS + ROPE_SCALING:
+        if name != "head_dim":
+            assert getattr(cfg, name) == getattr(expected, name), f"{name}: {getattr(cfg, name)} is not right"
+    assert cfg.dim_per_head == expected.dim_per_head, "head_dim: the width of a head is not right"
+    with torch.device("meta"):
+        shapes = [{k: v.shape for k, v in VideoPanda(c).decoder.state_dict().items()} for c in (cfg, expected)]
+    assert shapes[0] == shapes[1]
 
 
 @pytest.mark.parametrize("name", HF_CONFIGS)
 def test_4_decoder_config(name):
-    hf = HF_CONFIGS[name]
-    ours = attempt(exercises.decoder_config, hf)
-    expected = weights.decoder_fields(hf)  # the loader's own reading of config.json
-    assert ours == {k: expected[k] for k in ours} and set(expected) - set(ours) <= {"rope_factor",
-        "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"}
-    with torch.device("meta"):
-        model = VideoPanda(PandaConfig.preset("paper", **ours))
-    heads = hf["num_attention_heads"]
-    kv_width = hf.get("num_key_value_heads", heads) * hf.get("head_dim", hf["hidden_size"] // heads)
-    assert model.decoder.layers[0].self_attn.k_proj.weight.shape[0] == kv_width
+    check_decoder_config(attempted(exercises.decoder_config), HF_CONFIGS[name])
 
 
 # --------------------------------------------------------------------------- 5. a query per frame in FSRA
 
-def test_5_frame_query_fsra():
+def check_frame_query_fsra(answer):
+    """Frame t of every video attends with query[t], as panda's FSRA with that query; it fits a STAB."""
     cfg = PandaConfig.preset("nano")
-    ours = attempt(exercises.FrameQueryFSRA, cfg)
+    ours = answer(cfg)
     assert ours.query.shape == (cfg.n_frames, cfg.stab_dim) and isinstance(ours.query, torch.nn.Parameter)
     randomize(ours)
     shared = FSRA(cfg)
@@ -145,3 +181,16 @@ def test_5_frame_query_fsra():
     model = VideoPanda(cfg).eval()
     model.stab.fsra = ours  # a drop-in replacement
     assert model.stab(torch.randn(B, T, 3, 32, 32))[0].shape == (B, T * cfg.tokens_per_frame, 32)
+
+
+def test_5_frame_query_fsra():
+    check_frame_query_fsra(attempted(exercises.FrameQueryFSRA))
+
+
+CHECKS = {  # exercise: its check, on every case its test runs (tests/test_exercise_key.py runs them on the key)
+    "lsd": lambda answer: [check_lsd(answer, w, shape) for w, shape in [(2, (3, 4, 6)), (3, (2, 6, 9))]],
+    "gstra_per_frame": check_gstra_per_frame,
+    "config_for_frames": lambda answer: [check_config_for_frames(answer, n) for n in (2, 4, 6, 8, 12, 16, 24)],
+    "decoder_config": lambda answer: [check_decoder_config(answer, hf) for hf in HF_CONFIGS.values()],
+    "FrameQueryFSRA": check_frame_query_fsra,
+}

@@ -1,10 +1,13 @@
-"""Tests of the attention pictures: viz.attention_probe, the heat maps, and sample.py --viz."""
+"""Tests of the attention pictures: viz.attention_probe, the maps, the pictures and their colour keys,
+the file formats, and sample.py --viz."""
 
 import imageio.v3 as iio
 import numpy as np
+import pytest
 import torch
 
 import common
+import data
 import sample
 import train
 import viz
@@ -49,27 +52,78 @@ def test_the_probe_records_each_attention_and_changes_nothing():
     assert sum(len(m._forward_hooks) for m in model.modules()) == 3  # the probe removed its own three
 
 
-def test_heat_maps_put_each_weight_on_its_pixels():
-    model = nano()
+def test_each_weight_sits_on_its_square_and_each_softmax_sums_to_one():
+    model = nano()  # 32 px frames: 4 x 4 patches of 8 px, 2 x 2 windows of 2 x 2 patches, chunks of 2 frames
     v = torch.randn(1, 4, 3, 32, 32)
-    heat = viz.attention_heat_maps(model, v)
+    heat = {h.name: h for h in viz.attention_maps(model, v)}
     with viz.attention_probe(model) as maps:
         model.encode_videos(v)
-    assert {k: m.shape for k, m in heat.items()} == {name: (4, 32, 32) for name in ("LSD", "FSRA", "GSTRA")}
-    # LSD: window (i, j) covers pixels [16i:16i+16, 16j:16j+16]; its patch (a, b) the 8 x 8 at 8a, 8b inside
-    lsd = maps["stab.lsd.attn"].mean(1).view(4, 2, 2, 2, 2)  # (T, i, j, a, b)
+    assert {name: h.weights.shape for name, h in heat.items()} == {"LSD": (4, 4, 4), "FSRA": (4, 2, 2), "GSTRA": (4, 4, 4)}
+    lsd = maps["stab.lsd.attn"].mean(1).view(4, 2, 2, 2, 2)  # (t, window row i, column j, patch row a, column b)
     for t, i, j, a, b in np.ndindex(4, 2, 2, 2, 2):
-        y, x = 16 * i + 8 * a, 16 * j + 8 * b
-        assert np.allclose(heat["LSD"][t, y:y + 8, x:x + 8], lsd[t, i, j, a, b].item())
-    fsra = maps["stab.fsra.attn"].mean(1).view(4, 2, 2)
-    assert np.allclose(heat["FSRA"][2, 16:, :16], (fsra[2, 1, 0] / fsra[2].max()).item())
-    assert np.isclose(heat["GSTRA"][:2].max(), 1) and np.isclose(heat["GSTRA"][2:].max(), 1)  # one scale per chunk
+        assert np.isclose(heat["LSD"].weights[t, 2 * i + a, 2 * j + b], lsd[t, i, j, a, b].item())
+    windows = heat["LSD"].weights.reshape(4, 2, 2, 2, 2).sum((2, 4))  # (t, i, j): each window's weights
+    assert np.allclose(windows, 1) and np.allclose(heat["FSRA"].weights.sum((1, 2)), 1)
+    assert np.allclose(heat["GSTRA"].weights.reshape(2, -1).sum(1), 1)  # one softmax over each chunk's 2 frames
+    assert [(h.uniform, h.top) for h in heat.values()] == [
+        (1 / 4, 1.0), (1 / 4, heat["FSRA"].weights.max()), (1 / 32, heat["GSTRA"].weights.max())]
 
 
-def test_switched_off_components_have_no_map():
-    heat = viz.attention_heat_maps(nano(fsra=False, lsd="avgpool"), torch.randn(1, 4, 3, 32, 32))
-    assert set(heat) == {"GSTRA"}
-    assert viz.attention_gif_frames(nano(gstra=False), torch.randn(1, 4, 3, 32, 32)).shape[0] == 4
+def test_fsra_is_uniform_over_the_letterbox_cells_only():
+    v = torch.randn(1, 4, 4, 32, 32)
+    v[:, :, 3] = 0
+    v[:, :, 3, :16] = 1  # the mask: the top row of the 2 x 2 grid holds the picture
+    fsra = viz.attention_maps(nano(), v)[1]
+    assert fsra.name == "FSRA" and fsra.uniform == 1 / 2
+    assert np.allclose(fsra.weights[:, 1], 0) and np.allclose(fsra.weights[:, 0].sum(-1), 1)
+
+
+def test_every_map_is_drawn_in_its_keys_colours():
+    model = nano()
+    video = data.normalize_frames(np.zeros((4, 32, 32, 3), np.uint8))[None]  # black: no veil over the colours
+    heat = viz.attention_maps(model, video)
+    picture = viz.picture(viz.frames_rgb(video), heat, 3, model.cfg)
+    size = 32 * -(-viz.MIN_PANEL // 32)
+    assert picture.shape == (viz.HEAD + size + viz.FOOT, 4 * size + 5 * viz.GAP, 3)
+    for panel, h in enumerate(heat, 1):
+        left, n = viz.GAP + panel * (size + viz.GAP), h.weights.shape[-1]
+        for row, column in np.ndindex(n, n):  # the middle of each square: its weight's colour on the key
+            y, x = viz.HEAD + (2 * row + 1) * size // (2 * n), left + (2 * column + 1) * size // (2 * n)
+            assert (picture[y, x] == viz.colormap(h.weights[3, row, column] / h.top)).all()
+            corner = picture[y - size // (2 * n):y, x - size // (2 * n):x]  # where the weight is written
+            assert (corner.min(-1) > 240).any() == (h.name != "GSTRA")  # in white: LSD's and FSRA's, not GSTRA's
+        bar = picture[viz.HEAD + size + 6 + 30, left:left + size]  # the key's bar, 0 at the left, top at the right
+        x = round(h.uniform / h.top * (size - 1))
+        assert (bar[x] == 255).all()  # the white "uniform" mark
+        keep = np.arange(size) != x
+        assert (bar[keep] == viz.colormap(np.linspace(0, 1, size))[keep]).all()
+    lsd_bar = picture[viz.HEAD + size + 6 + 30, viz.GAP + size + viz.GAP:][:size]
+    assert (lsd_bar[round((size - 1) / 4)] == 255).all()  # LSD's key is absolute: uniform 1/4 a quarter along
+
+
+def test_switched_off_components_have_no_map_and_a_grey_panel():
+    heat = viz.attention_maps(nano(fsra=False, lsd="avgpool"), torch.randn(1, 4, 3, 32, 32))
+    assert [h.name for h in heat] == ["GSTRA"]
+    model = nano(gstra=False)
+    picture = viz.picture(viz.frames_rgb(torch.randn(1, 4, 3, 32, 32)), viz.attention_maps(model, torch.randn(1, 4, 3, 32, 32)),
+                          0, model.cfg)
+    size = 32 * -(-viz.MIN_PANEL // 32)
+    left = viz.GAP + 3 * (size + viz.GAP)
+    assert (picture[viz.HEAD:viz.HEAD + size, left:left + size] == 64).all()
+
+
+def test_the_extension_decides_one_frame_or_all(tmp_path):
+    model = nano()
+    video = torch.randn(1, 4, 3, 32, 32)
+    gif = iio.imread(viz.write_attention(model, video, tmp_path / "a.gif"), index=None, plugin="pillow")
+    png = iio.imread(viz.write_attention(model, video, tmp_path / "a.png", frame=2))
+    expected = viz.picture(viz.frames_rgb(video), viz.attention_maps(model, video), 2, model.cfg)
+    assert gif.shape[0] == 4 and gif.shape[1:3] == png.shape[:2] and np.array_equal(png, expected)
+    with pytest.raises(ValueError, match=r"\.gif \(every frame\) or \.png \(one frame\)"):
+        viz.write_attention(model, video, tmp_path / "a.jpg")
+    with pytest.raises(ValueError, match="frames 0 to 3"):
+        viz.write_attention(model, video, tmp_path / "b.png", frame=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "a.png"]
 
 
 def test_colormap_runs_from_dark_to_bright():
@@ -78,17 +132,16 @@ def test_colormap_runs_from_dark_to_bright():
     assert (np.diff(c.sum(-1)) > 0).all()
 
 
-def test_sample_viz_writes_a_gif_with_a_picture_per_frame(tmp_path, monkeypatch):
+def test_sample_viz_writes_the_first_frames_picture_to_a_png(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})
     train.main(["--preset=nano", "--device=cpu", "--max_steps=1", "--batch_size=2", "--warmup_steps=1",
                 "--eval_samples=1", "--questions_per_clip=1", f"--out_dir={tmp_path}"])
-    gif = tmp_path / "attention.gif"
-    sample.main([f"--out_dir={tmp_path}", "--video=synthetic:3", "--max_new_tokens=1", "--device=cpu",
-                 f"--viz={gif}"])
-    pictures = iio.imread(gif, index=None, plugin="pillow")
+    png = tmp_path / "attention.png"
+    sample.main([f"--out_dir={tmp_path}", "--video=synthetic:3", "--max_new_tokens=1", "--device=cpu", f"--viz={png}"])
+    picture = iio.imread(png)
     zoom = -(-viz.MIN_PANEL // 32)
-    assert pictures.shape[:3] == (4, viz.CAPTION + 32 * zoom, 4 * 32 * zoom + 3 * viz.GAP)
+    assert picture.shape == (viz.HEAD + 32 * zoom + viz.FOOT, 4 * 32 * zoom + 5 * viz.GAP, 3)
     cfg = PandaConfig(**common.load_checkpoint(tmp_path / "ckpt.pt")["model_config"])
-    frame = viz.frames_rgb(sample.load_video("synthetic:3", cfg)[0])[2]  # the first panel: the frame, enlarged
-    shown = pictures[2, viz.CAPTION:, :32 * zoom, :3][::zoom, ::zoom]
-    assert np.abs(shown.astype(int) - frame).max() <= 8  # GIF palettes round the colours a little
+    frame = viz.frames_rgb(sample.load_video("synthetic:3", cfg)[0])[0]  # the first panel: frame 0, enlarged
+    shown = picture[viz.HEAD:viz.HEAD + 32 * zoom, viz.GAP:viz.GAP + 32 * zoom][::zoom, ::zoom]
+    assert np.array_equal(shown, frame)  # a PNG keeps every colour
