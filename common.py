@@ -6,6 +6,7 @@ only. A file someone hands you cannot run code when it is opened; one that tries
 """
 
 import difflib
+import importlib
 import inspect
 import os
 import random
@@ -76,7 +77,7 @@ def help_text(doc, configs):
         lines.append(f"{config.__name__} options (--key=value):")
         comments = field_comments(config)
         for f in fields(config):
-            lines.append(f"  --{f.name}={f.default!s:<14} {comments.get(f.name, '')}".rstrip())
+            lines.append(f"  {f'--{f.name}={f.default}':<32} {comments.get(f.name, '')}".rstrip())
         lines.append("")
     return "\n".join(lines)
 
@@ -85,6 +86,16 @@ def field_comments(config):
     """{field: the comment at the end of its line} in the dataclass's source."""
     found = (re.match(r"\s+(\w+)\s*:[^=#]*=[^#]*#\s*(.*)", line) for line in inspect.getsource(config).splitlines())
     return {m.group(1): m.group(2) for m in found if m}
+
+
+def call_hook(name, model):
+    """--model_hook=module.function: that function applied to a freshly built model (an exercise's module)."""
+    module, _, function = name.rpartition(".")
+    try:
+        hook = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"--model_hook={name}: {err}") from None
+    return hook(model)
 
 
 def pick_device(name):
@@ -148,8 +159,9 @@ def load_checkpoint(path, device="cpu", keys=("model", "model_config")):
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch.load raises many kinds; all of them mean "not a checkpoint we can read"
-        reason = "it holds objects other than tensors and plain data, which could run code when loaded" \
-            if "weights only load failed" in str(err).lower() else (str(err).strip() or type(err).__name__).splitlines()[0]
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0]
+        if "weights only load failed" in str(err).lower():
+            reason = "it holds objects other than tensors and plain data, which could run code when loaded"
         raise CheckpointError(f"{path}: refused, not a readable panda checkpoint: {reason}") from None
     if not (isinstance(state, dict) and set(keys) <= state.keys()):
         raise CheckpointError(f"{path}: not a panda checkpoint (it lacks {' and '.join(map(repr, keys))}; "

@@ -441,9 +441,8 @@ class SyntheticQA:
     def __getitem__(self, index):
         sample = make_sample(index, self.split, self.n_frames, self.size, self.grid)
         rng = np.random.default_rng([SPLIT_SEEDS[self.split], index, 1])
-        turns = [(sample.question, sample.answer)] + more_questions(sample, self.questions_per_clip - 1, self.size,
-                                                                    rng, self.grid)
-        input_ids, labels = tokenize_conversation(self.tokenizer, SYNTHETIC, turns)
+        more = more_questions(sample, self.questions_per_clip - 1, self.size, rng, self.grid)
+        input_ids, labels = tokenize_conversation(self.tokenizer, SYNTHETIC, [(sample.question, sample.answer), *more])
         return {"video": sample.video, "input_ids": input_ids, "labels": labels, "sample": sample}
 
     def batch(self, start_index, batch_size):
@@ -478,10 +477,10 @@ def answer_text(tokenizer, ids, eos_id):
 
 
 def accuracy(records, contains=False):
-    """records: (group, answer, prediction) triples -> {group: share right, ..., "all": share right}.
-    Right: the prediction's words are the answer's (contains=True: include them as a run of whole
-    words, "a man is cooking" for "cooking"). Real QA sets are judged by a GPT model that accepts
-    paraphrases (the release's eval_video_qa.py); these two are a lower and an upper quick check."""
+    """records: (group, answer, prediction) triples -> {group: share right, ..., "all": share right}. Right:
+    the prediction's words are the answer's (contains=True: include them as whole words, "a man is cooking"
+    for "cooking"). The release judges real QA sets with a GPT model (its eval_video_qa.py), which accepts
+    paraphrases: these two are a lower and an upper quick check."""
     hits = {}
     for group, answer, prediction in records:
         answer, prediction = normalize_answer(answer), normalize_answer(prediction)

@@ -342,7 +342,7 @@ class STAB(nn.Module):
         frame_valid = None if valid is None else valid.repeat_interleave(T, 0).flatten(1)
         frame_token = self.fsra(grid.flatten(1, 2), frame_valid) if cfg.fsra else None  # (B*T, C)
         if cfg.gstra:
-            chunk_token = chunk_token.repeat_interleave(k, 0)  # (B*T, C): the frames of chunk j share token j
+            chunk_token = chunk_token.repeat_interleave(B * T // len(chunk_token), 0)  # (B*T, C), shared in a chunk
         if cfg.gstra and cfg.fsra:  # Eq. 14: a learned per-channel mix, then the shared projection
             alpha = torch.sigmoid(self.balance)
             fused = self.fuse((1 - alpha) * chunk_token + alpha * frame_token)

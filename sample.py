@@ -43,6 +43,7 @@ class SampleConfig:
     seed: int = 1337            # for sampling (temperature > 0)
     device: str = "auto"        # auto: cuda, then mps, then cpu
     viz: str = ""               # also draw LSD's, FSRA's and GSTRA's attention on the video here (.gif or .png)
+    viz_frame: int = 0          # the frame a .png shows (a .gif shows them all)
     # a zero-shot QA set instead of one video
     eval: str = ""              # the question file: [{"question_id", "video_name", "question"}, ...]
     answers: str = ""           # the answer file: [{"question_id", "answer"}, ...]
@@ -187,7 +188,7 @@ def main(argv):
     ids = prompt_ids(tokenizer, template, question)
     if sc.viz:
         import viz  # only pictures need it
-        print(f"attention: {viz.write_attention(model, video.to(device), sc.viz)}")
+        print(f"attention: {viz.write_attention(model, video.to(device), sc.viz, sc.viz_frame)}")
     eos_id = data.special_token_id(tokenizer, template.eos)
     print(f"Q: {question}")
     if sample is not None and question == sample.question:  # the clip's own question has a known answer

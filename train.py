@@ -7,11 +7,10 @@
 The paper's three stages (Sec. 3.2) on real videos, from a pretrained LLM and a Video-ChatGPT / Valley
 instruction file; each stage starts from the previous one's --export:
 
-    python train.py --init_from=path/to/vicuna --stage=prealign --data=valley.json --video_folder=videos/ --export=out/s1
-    python train.py --init_from=out/s1 --stage=pretrain --data=valley.json --video_folder=videos/ --export=out/s2
+    python train.py --init_from=path/to/vicuna --stage=prealign --data=valley.json --video_folder=v/ --export=out/s1
+    python train.py --init_from=out/s1 --stage=pretrain --data=valley.json --video_folder=v/ --export=out/s2
 
-Several GPUs: the same command under torchrun, one process per GPU (docs/DISTRIBUTED.md); --fsdp=true
-shards a 7B model's training state over them. Ctrl-C stops after the current step and saves it.
+Several GPUs: the same command under torchrun (docs/DISTRIBUTED.md). Ctrl-C stops after a step and saves it.
 """
 
 import json
@@ -70,6 +69,7 @@ class TrainConfig:
     frame_cache: str = ""       # cache the resized frames here: later epochs and stages read them, not decode
     on_error: str = "raise"     # an unusable video or entry: raise (stop) | skip (log it, count it, go on)
     export: str = ""            # also write the model as a checkpoint directory here at the end (weights.py)
+    model_hook: str = ""        # module.function(model) -> model, run on a fresh model: an experiment, an exercise
 
 
 STAGES = {  # Sec. 3.2 and the release's scripts: what trains after a pretrained decoder is loaded, and how fast
@@ -122,6 +122,7 @@ def start(tc, tc_changes, cfg_changes, device, out):
                              "trained from scratch knows only the synthetic task's words)")
         tokenizer = data.build_tokenizer()
         model = VideoPanda(PandaConfig.preset(tc.preset, vocab_size=tokenizer.get_vocab_size(), **cfg_changes))
+        model = common.call_hook(tc.model_hook, model) if tc.model_hook else model
         return model.to(device), tokenizer, tc, None
     import weights  # a pretrained start needs safetensors; the synthetic run does not
     if not tc.data:
@@ -177,11 +178,12 @@ def evaluate(model, tokenizer, n_samples, device, split="heldout", shuffle=False
         indices = mine[start_at:start_at + batch_size]
         samples = [data.make_sample(i, split, cfg.n_frames, cfg.image_size, cfg.grid) for i in indices]
         prompts = [data.tokenize_conversation(tokenizer, data.SYNTHETIC, [(s.question, None)]) for s in samples]
-        batch = data.collate([{"video": data.shuffle_frames(s.video, seed=i) if shuffle else s.video,
-                               "input_ids": ids, "labels": labels} for i, s, (ids, labels) in zip(indices, samples, prompts)])
+        videos = [data.shuffle_frames(s.video, seed=i) if shuffle else s.video for i, s in zip(indices, samples)]
+        batch = data.collate([dict(video=v, input_ids=ids, labels=labels) for v, (ids, labels) in zip(videos, prompts)])
         answers = model.generate(batch["videos"].to(device), batch["input_ids"].to(device),
                                  batch["lengths"].to(device), max_new_tokens=max_new_tokens, eos_id=eos)
-        records += [(s.family, s.answer, data.answer_text(tokenizer, ids, eos)) for s, ids in zip(samples, answers.tolist())]
+        records += [(s.family, s.answer, data.answer_text(tokenizer, ids, eos))
+                    for s, ids in zip(samples, answers.tolist())]
     model.train(was_training)
     return data.accuracy([record for part in distributed.gather(records) for record in part])
 
@@ -204,7 +206,7 @@ def forward_backward(model, head, teacher, micro, tc, device, world, plain_model
     The distillation term is a mean over each micro-batch: the average over processes is the mean
     over the global micro-batch (the processes' batches are the same size). plain_model: the model
     itself when `model` wraps it (DDP, torch.compile), for the distillation's token positions."""
-    n_supervised = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    cfg, n_supervised = (plain_model or model).cfg, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     n_supervised = distributed.all_sum([n_supervised], device)[0]
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     total = total_distill = tokens = 0.0
@@ -222,7 +224,7 @@ def forward_backward(model, head, teacher, micro, tc, device, world, plain_model
                 loss = loss * world / n_supervised
         loss.backward()
         total += loss.item()
-        tokens += int(b["lengths"].sum())
+        tokens += int(b["lengths"].sum()) + b["videos"].shape[0] * cfg.n_frames * cfg.tokens_per_frame  # at most
     # what the log shows, over all processes: the step's loss (each process holds W times its share)
     total, total_distill, tokens = distributed.all_sum([total / world, total_distill / world, tokens], device)
     return total, total_distill, tokens
@@ -250,8 +252,6 @@ def clip_and_check(optimizer, tc, step, loss, device):
 def main(argv):
     tc_changes, cfg_changes = common.parse_args(argv, __doc__, TrainConfig, PandaConfig)
     tc = replace(TrainConfig(), **tc_changes)
-    if tc.on_error not in ("raise", "skip"):
-        raise ValueError(f"--on_error must be raise or skip, got {tc.on_error!r}")
     # Under torchrun this script runs once per GPU; each process trains on its own share of every batch,
     # and rank 0 alone writes the log, the progress bar and the files.
     device, rank, world = distributed.init(common.pick_device(tc.device))
@@ -362,7 +362,8 @@ def loop(r, stop):
                         tok_s=f"{tokens_seen / (time.time() - r.t0):.0f}",
                         **({"distill": f"{distilled:.4f}"} if r.head else {}))
         if r.step % tc.eval_every == 0 and r.step < tc.max_steps and not tc.data:  # the last one is finish()'s
-            accuracy = evaluate(distributed.whole_model(r.model, r.tc.fsdp), r.tokenizer, tc.eval_samples, r.device, max_new_tokens=tc.max_new_tokens)
+            model = distributed.whole_model(r.model, tc.fsdp)
+            accuracy = evaluate(model, r.tokenizer, tc.eval_samples, r.device, max_new_tokens=tc.max_new_tokens)
             if r.master:
                 bar.write(f"step {r.step}: loss {loss:.4f}, held-out exact match: {report(accuracy)}")
         if tc.save_every and (r.step % tc.save_every == 0 or r.step == tc.max_steps):

@@ -43,7 +43,7 @@ VARIANTS = {  # name: (the row of the paper's Table 4, train.py's switches, the 
 }
 SWEEPS = {  # name: (variants, seeds, train.py options); docs/ablations.md says how each was chosen
     "table4": (tuple(VARIANTS), "1,2,3", ""),
-    "class": (("full", "lsd_avgpool", "no_lste"), "1,2,3", "--max_steps=400 --batch_size=16"),
+    "class": (("full", "lsd_avgpool", "no_lste"), "1,2,3,4", "--max_steps=400 --batch_size=16"),
 }
 SET_HERE = ("out_dir", "seed", "device", "init_from", "split_tokens", "fsra", "lsd", "lste", "gstra")  # ablate's to set
 STEP = re.compile(r"(\d+)/(\d+) \[")  # train.py's progress bar: "640/1300 [04:10<..."
