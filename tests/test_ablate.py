@@ -59,15 +59,22 @@ def test_a_sweep_from_another_directory_keeps_each_run_in_its_folder(tmp_path, m
 def test_ctrl_c_stops_every_run_after_its_step_and_the_same_command_resumes(tmp_path, monkeypatch):
     options = ["--variants=full", "--seeds=1", "--device=cpu", "--threads=1", f"--out_dir={tmp_path}",
                NANO.replace("--max_steps=2", "--max_steps=100000")]
+    # started as a background job would be, with Ctrl-C ignored: ablate.py must still stop on it
     sweep = subprocess.Popen([sys.executable, str(ablate.TRAIN.parent / "tools" / "ablate.py"), *options],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     run = ablate.plan(ablate.AblateConfig(**common.parse_args(options, "", ablate.AblateConfig)[0]))[0]
-    waited = 0
-    while run.progress()[0] < 2 and sweep.poll() is None and waited < 600:  # until it has trained a step or two
-        time.sleep(0.1)
-        waited += 1
-    sweep.send_signal(signal.SIGINT)
-    out = sweep.communicate(timeout=120)[0]
+    try:
+        waited = 0
+        while run.progress()[0] < 2 and sweep.poll() is None and waited < 600:  # until it has trained a step or two
+            time.sleep(0.1)
+            waited += 1
+        sweep.send_signal(signal.SIGINT)
+        out = sweep.communicate(timeout=120)[0]
+    finally:  # a sweep that did not stop is stopped here, with its run (SIGTERM: ablate.py stops its runs)
+        if sweep.poll() is None:
+            sweep.terminate()
+            sweep.communicate(timeout=120)
     assert sweep.returncode == 130 and "stopped; the same command again goes on" in out
     assert (run.folder / "ckpt.pt").exists() and not (run.folder / "results.json").exists()
     started = []

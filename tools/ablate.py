@@ -182,7 +182,9 @@ def sweep(runs, ac, finished_one):
         check_folder(run)
     waiting = [r for r in runs if not (r.folder / "results.json").exists()]
     finished, running, said = [], [], time.time()
-    on_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill, as `timeout` sends: as Ctrl-C
+    # Ctrl-C, and kill as `timeout` sends it, both stop the sweep; SIGINT explicitly too, because a shell that
+    # starts a command in the background (`&`) starts it with Ctrl-C ignored, and Python then keeps it ignored
+    on_signal = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     print(f"{len(runs)} runs, {len(runs) - len(waiting)} already done; {ac.parallel} at a time, "
           f"{threads} CPU thread(s) each; train.py {' '.join(shared_options(ac))}")
     try:
@@ -213,7 +215,8 @@ def sweep(runs, ac, finished_one):
         print("stopped; the same command again goes on from here")
         sys.exit(130)
     finally:
-        signal.signal(signal.SIGTERM, on_term)
+        for s, handler in on_signal.items():
+            signal.signal(s, handler)
 
 
 def stop(running):
