@@ -341,8 +341,8 @@ class STAB(nn.Module):
         valid = self.valid_cells(video, g)  # (B, g, g) bool, or None when every cell is valid
         frame_valid = None if valid is None else valid.repeat_interleave(T, 0).flatten(1)
         frame_token = self.fsra(grid.flatten(1, 2), frame_valid) if cfg.fsra else None  # (B*T, C)
-        if cfg.gstra:
-            chunk_token = chunk_token.repeat_interleave(B * T // len(chunk_token), 0)  # (B*T, C), shared in a chunk
+        if cfg.gstra:  # (B*T, C): each frame gets its chunk's token, k copies (1 if a GSTRA gives one per frame)
+            chunk_token = chunk_token.repeat_interleave(B * T // len(chunk_token), 0)
         if cfg.gstra and cfg.fsra:  # Eq. 14: a learned per-channel mix, then the shared projection
             alpha = torch.sigmoid(self.balance)
             fused = self.fuse((1 - alpha) * chunk_token + alpha * frame_token)

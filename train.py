@@ -194,7 +194,7 @@ def report(accuracy):
 
 # ------------------------------------------------------------------------------------ one step
 
-def forward_backward(model, head, teacher, micro, tc, device, world, plain_model=None):
+def forward_backward(model, head, teacher, micro, tc, device, world, plain_model):
     """Forward and backward of one optimizer step's micro-batches; returns (loss, distill loss, tokens).
 
     The loss is normalised by the supervised tokens N of the whole step, of all micro-batches on all
@@ -204,27 +204,27 @@ def forward_backward(model, head, teacher, micro, tc, device, world, plain_model
         (1/W) * sum_r W * grad(S_r) / N  =  grad(sum_r S_r) / N,
     the gradient of the mean loss over the N tokens, as one process with the whole step computes it.
     The distillation term is a mean over each micro-batch: the average over processes is the mean
-    over the global micro-batch (the processes' batches are the same size). plain_model: the model
-    itself when `model` wraps it (DDP, torch.compile), for the distillation's token positions."""
-    cfg, n_supervised = (plain_model or model).cfg, sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    over the global micro-batch (the processes' batches are the same size). plain_model: the model that
+    `model` may wrap (DDP, torch.compile), for its config and the distillation's token positions."""
+    n_supervised = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     n_supervised = distributed.all_sum([n_supervised], device)[0]
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
     total = total_distill = tokens = 0.0
+    cfg = plain_model.cfg  # tokens counted: the text's, and a video's n_frames * tokens_per_frame (at most)
     for i, b in enumerate(micro):
         # DDP all-reduces after the last micro-batch only; FSDP reduce-scatters after each (distributed.shard)
         with distributed.gradient_sync([model, head], sync=i == len(micro) - 1), autocast:
             loss = model(b["videos"].to(device), b["input_ids"].to(device), b["labels"].to(device),
                          b["lengths"].to(device), reduction="sum", return_hidden=head is not None)
-            if head is not None:  # + weight * (1 - cosine to the teacher), a mean over the step's micro-batches
+            distilled = 0.0
+            if head is not None:  # weight * (1 - cosine to the teacher), a mean over the step's micro-batches
                 loss, hidden = loss
-                distilled = distill.distill_loss(head, teacher, b, hidden, plain_model or model) / len(micro)
+                distilled = distill.distill_loss(head, teacher, b, hidden, plain_model) / len(micro)
                 total_distill += distilled.item()
-                loss = loss * world / n_supervised + tc.distill_weight * distilled
-            else:
-                loss = loss * world / n_supervised
+            loss = loss * world / n_supervised + tc.distill_weight * distilled
         loss.backward()
         total += loss.item()
-        tokens += int(b["lengths"].sum()) + b["videos"].shape[0] * cfg.n_frames * cfg.tokens_per_frame  # at most
+        tokens += int(b["lengths"].sum()) + len(b["videos"]) * cfg.n_frames * cfg.tokens_per_frame
     # what the log shows, over all processes: the step's loss (each process holds W times its share)
     total, total_distill, tokens = distributed.all_sum([total / world, total_distill / world, tokens], device)
     return total, total_distill, tokens
