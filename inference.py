@@ -2,7 +2,7 @@
 compiled into one CUDA graph per token (gpt-fast's recipe).
 
     inference.fuse(model)                     # q/k/v and gate/up each one matmul, in place
-    step = inference.compile_decoding(model)  # then model.generate(..., cache=step.cache) as usual
+    cache = inference.compile_decoding(model)  # then model.generate(..., cache=cache) as usual
 
 Decoding one token at batch 1 reads every weight once: it is bound by memory bandwidth, and what costs
 beyond that is kernels (each one a launch and a pass too small to fill the card). Three projections of
@@ -61,15 +61,23 @@ def fuse(model):
     return model
 
 
-def compile_decoding(model, batch=1, slots=None, mode="reduce-overhead"):
+DECODE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "realize_acc_reads_threshold": 1}
+
+
+def compile_decoding(model, batch=1, slots=None, options=DECODE_OPTIONS):
     """Compile model.decode_step (one token per row) for a KV cache of `slots` positions (default: the
     context), kept at a fixed address so that the CUDA graph can write into it; returns the cache, to
-    pass to generate() and stream(). reduce-overhead replays one CUDA graph per token; inductor tunes its
-    own kernels for the batch-1 matrix-vector products (coordinate descent, as gpt-fast does)."""
+    pass to generate() and stream(). The compiler's options (DECODE_OPTIONS), for this function only:
+    - triton.cudagraphs (what mode="reduce-overhead" sets): a token's kernels replay as one CUDA graph;
+    - coordinate_descent_tuning: inductor writes each batch-1 matmul as a matrix-vector reduction of its
+      own and tunes its block sizes (gpt-fast's setting);
+    - realize_acc_reads_threshold=1: such a reduction reads its input vector, computed once, from memory.
+      Left to itself, inductor folds the RMSNorm and the residual sums that make the input into the
+      reduction, and every block of the kernel recomputes them; on an H200 that made the q/k/v matmul of
+      half the layers 1.5x slower (docs/bench-notes.md)."""
     param = next(model.decoder.parameters())
     cache = KVCache(model.cfg, batch, slots or model.cfg.max_seq_len, param.dtype, param.device)
     for buffer in cache.k + cache.v:
         torch._dynamo.mark_static_address(buffer)
-    torch._inductor.config.coordinate_descent_tuning = True
-    model.decode_step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
+    model.decode_step = torch.compile(model.decode_step, fullgraph=True, options=options)
     return cache

@@ -615,7 +615,7 @@ class VideoPanda(nn.Module):
                              f"max_seq_len={self.cfg.max_seq_len}, or the KV cache's {cache.slots} slots")
         slots = torch.arange(cache.slots, device=x.device)
         h = self.decoder(x, slots[None, :L], cache=cache, slots=slots[:L])
-        logits = self.decoder.lm_head(h[torch.arange(B), seq_len - 1])
+        logits = self.decoder.lm_head(h[torch.arange(B, device=x.device), seq_len - 1])
         # Rows are right-padded to L: the new tokens of shorter rows sit after a gap, which the mask hides
         # (with the slots not written yet); positions go on from each row's length.
         visible = slots[None] < seq_len[:, None]  # (B, slots)

@@ -32,3 +32,12 @@ def test_the_fused_decoder_gives_the_same_logits_and_greedy_tokens(overrides):
                        fused.generate(videos, ids, lengths, max_new_tokens=10))
     assert all(torch.equal(t, plain_state[name]) for name, t in model.state_dict().items())  # the original untouched
     assert not any(name.endswith(("q_proj.weight", "gate_proj.weight")) for name in fused.state_dict())
+
+
+def test_the_decode_options_are_settings_the_compiler_knows():
+    # Without a GPU the decode step is never compiled here: a misspelt option would only fail on one.
+    with torch._inductor.config.patch(inference.DECODE_OPTIONS):
+        assert torch._inductor.config.realize_acc_reads_threshold == 1
+    with pytest.raises((AttributeError, KeyError)):
+        with torch._inductor.config.patch({"realize_acc_read_threshold": 1}):
+            pass
