@@ -495,10 +495,6 @@ def decode_run(ctx, model, video, ids, n_new, cache):
     return first.ms(), (n - 1) / (rest.ms() / 1e3) if n > 1 else float("nan")
 
 
-def decode_variant(ctx, name, model, video, ids, n_new, cache, runs, warmup, **extra):
-    decode_variants(ctx, {name: (None, cache)}, model, video, ids, n_new, runs, warmup, **extra)
-
-
 def decode_variants(ctx, variants, model, video, ids, n_new, runs, warmup, **extra):
     """variants: name -> (decode step or None for the model's own, KV cache). Each is warmed up, then they
     are timed in turns, so that a slower or faster moment of the card touches all of them alike."""
@@ -541,7 +537,7 @@ def bench_decode(ctx):
             + (f": at the measured copy rate, <= {bound:.0f} tokens/s" if bound else ""))
     extra = dict(prompt_tokens=L, hbm_bound_tok_s=bound)
     with torch.no_grad():
-        decode_variant(ctx, "eager", model, video, ids, n_new, None, runs, 1, **extra)
+        decode_variants(ctx, {"eager": (None, None)}, model, video, ids, n_new, runs, 1, **extra)
         if not a.quick:
             profile(ctx, "time to first token (eager): STAB + projector + prefill",
                     lambda: next(model.stream(video, ids, max_new_tokens=1)), (), steps=2)
@@ -582,7 +578,7 @@ def compiled_decode(ctx, variants, model, video, ids, n_new, L, runs, extra):
     except Exception as e:
         failed(ctx, f"decode, {', '.join(variants)}", e)
     finally:
-        model.__dict__.pop("decode_step", None)  # back to the plain method
+        vars(model).pop("decode_step", None)  # back to the plain method
 
 
 def first_token(ctx, model, video, ids, runs, extra):
