@@ -1,14 +1,17 @@
-"""Answering at the card's limit: the same decoder maths with fewer, larger matmuls, and the decode step
-compiled into one CUDA graph per token (gpt-fast's recipe).
+"""Answering at the card's limit: the same decoder maths with fewer, larger matmuls, the first token's path
+compiled, and the decode step compiled into one CUDA graph per token (gpt-fast's recipe).
 
     inference.fuse(model)                     # q/k/v and gate/up each one matmul, in place
+    inference.compile_prefill(model)           # the first token: the video and the prompt
     cache = inference.compile_decoding(model)  # then model.generate(..., cache=cache) as usual
 
 Decoding one token at batch 1 reads every weight once: it is bound by memory bandwidth, and what costs
 beyond that is kernels (each one a launch and a pass too small to fill the card). Three projections of
 the same input as one matmul read the input once and launch one kernel; a CUDA graph replays a token's
-kernels without the CPU. The checkpoint's names and shapes do not change: fusing happens after loading,
-on a model that only answers (its state_dict has the fused names: save the unfused model).
+kernels without the CPU. The first token is bound by compute instead (a prefill's matmuls are large):
+compiling fuses the element-wise passes between them and shortens the CPU's time between kernels.
+The checkpoint's names and shapes do not change: fusing happens after loading, on a model that only
+answers (its state_dict has the fused names: save the unfused model).
 """
 
 import torch
@@ -81,3 +84,49 @@ def compile_decoding(model, batch=1, slots=None, options=DECODE_OPTIONS):
         torch._dynamo.mark_static_address(buffer)
     model.decode_step = torch.compile(model.decode_step, fullgraph=True, options=options)
     return cache
+
+
+class GraphedPrefill:
+    """model.prefill replayed as one CUDA graph: the decoder's blocks run back to back, with no time on the
+    CPU between their kernels. A graph is captured on the first call for each prompt shape and KV cache,
+    after two warm-up calls that compile the blocks and let cuBLAS and cuDNN pick their kernels; it reads
+    its inputs from buffers of its own and writes into the cache's. On a CPU, the plain call."""
+
+    def __init__(self, prefill):
+        self.prefill, self.graphs = prefill, {}
+
+    def __call__(self, x, seq_len, cache):
+        if not x.is_cuda:
+            return self.prefill(x, seq_len, cache)
+        key = (x.shape, x.dtype, id(cache))
+        if key not in self.graphs:
+            inputs, side = (x.clone(), seq_len.clone()), torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up off the capturing stream, as torch.cuda.graph asks
+                for _ in range(2):
+                    self.prefill(*inputs, cache)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self.prefill(*inputs, cache)
+            self.graphs[key] = graph, inputs, logits, cache  # the cache kept alive: its id stays its own
+        graph, inputs, logits, _ = self.graphs[key]
+        inputs[0].copy_(x)
+        inputs[1].copy_(seq_len)
+        graph.replay()
+        return logits.clone()  # the graph's own output is overwritten by its next replay
+
+
+def compile_prefill(model, graph=True):
+    """Compile the first token's path, in place, for one prompt shape at a time (a new shape compiles, and
+    captures, anew): the STAB and projector replayed as one CUDA graph (a video is too little work to hide a
+    launch per kernel); each decoder block compiled on its own, which fuses the norms, the rotary embedding
+    and SwiGLU's product around the matmuls; and, with graph, the whole prefill captured as one CUDA graph
+    by hand (GraphedPrefill). torch.compile's own CUDA graphs cannot hold the blocks: one compiled graph
+    serves all the identical blocks, and each block's replay would overwrite the output the next one reads."""
+    model.encode_videos = torch.compile(model.encode_videos, dynamic=False, mode="reduce-overhead")
+    for block in model.decoder.layers:
+        block.compile(dynamic=False)
+    if graph:
+        model.prefill = GraphedPrefill(model.prefill)
+    return model

@@ -169,10 +169,9 @@ class LSTE(nn.Module):
         channels, the temporal conv is 3 shifted products, the 3x3x3 conv three 3x3 depthwise convs."""
         y = self.norm(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)  # BatchNorm3d on a channels-first view
         y = F.linear(y, self.reduce.weight.flatten(1), self.reduce.bias)  # (N, k, p, p, r)
-        k = x.shape[1]
         padded = F.pad(y, (0, 0, 0, 0, 0, 0, 1, 1))  # (N, k + 2, p, p, r): zero frames at both ends
         w = self.temporal.weight.view(-1, 3)  # (r, 3): a weight per channel and time tap
-        y = sum(w[:, t] * padded[:, t:t + k] for t in range(3)) + self.temporal.bias
+        y = sum(w[:, t] * padded[:, t:t + x.shape[1]] for t in range(3)) + self.temporal.bias
         x = x + F.linear(y, self.expand.weight.flatten(1), self.expand.bias)
         return x + self.dpe_fast(x)
 
@@ -282,8 +281,7 @@ class LSD(nn.Module):
         self.attn = QueryAttention(cfg.stab_dim, cfg.stab_heads, fast=cfg.fast) if cfg.lsd == "attention" else None
 
     def forward(self, x):  # (N, h, w, C) patches -> (N, h/s, w/s, C); the STAB's frames have h = w = p
-        N, h, w, C = x.shape
-        s = self.s
+        (N, h, w, C), s = x.shape, self.s
         windows = x.reshape(N, h // s, s, w // s, s, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, C)
         mean = windows.mean(1)  # (N*h*w/s^2, C); with lsd="avgpool" (Table 4's "w/o LSD") the output itself
         return (mean if self.attn is None else self.attn(mean, windows)).view(N, h // s, w // s, C)
@@ -309,8 +307,7 @@ class STAB(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
-        C = cfg.stab_dim
+        self.cfg, C = cfg, cfg.stab_dim
         self.patch_embed = PatchEmbed(C, cfg.patch_size, cfg.fast)
         # Ablations (cfg.lste, gstra, fsra, split_tokens) leave their modules as None: no parameters.
         self.lste = LSTE(cfg) if cfg.lste else None
@@ -325,8 +322,7 @@ class STAB(nn.Module):
         """video (B, T, 3 or 4, S, S) -> tokens (B, L, C), lengths (B,). Channel 3, if there, is the letterbox
         mask (1 = real pixels), one rectangle per video; a smaller box gives fewer tokens, packed to the left."""
         cfg = self.cfg
-        B, T = video.shape[:2]
-        k, C = cfg.chunk_frames, cfg.stab_dim
+        (B, T), k, C = video.shape[:2], cfg.chunk_frames, cfg.stab_dim
         x = self.patch_embed(video[:, :, :3].flatten(0, 1))  # (B*T, p, p, C)
         p = x.shape[1]
         # LSTE and GSTRA see chunks of k frames, the chunks folded into the batch. Tokens stay channels
@@ -428,10 +424,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, cfg.n_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * d, D, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, slots=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, slots=None, last=None):
         """x (B, L, D); cos, sin (B or 1, L, d). No mask: causal over these L positions (training, a prefill).
         cache: this layer's (keys, values) buffers of a KVCache, written at `slots`; with a mask (B, 1, 1,
-        slots) the queries attend over the whole buffers, the mask alone saying what each row sees (decoding)."""
+        slots) the queries attend over the whole buffers, the mask alone saying what each row sees (decoding).
+        last (B,), in a prefill: keys and values at all L positions, but a query and output (B, 1, D) at last only."""
         B, L, _ = x.shape
         q, k, v = (t.view(B, L, -1, self.d).transpose(1, 2) for t in self.project(x))  # (B, heads, L, d) each
         cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
@@ -441,6 +438,9 @@ class Attention(nn.Module):
             cache[1].index_copy_(2, slots, v)
             if mask is not None:
                 k, v = cache
+        if last is not None:  # one query per row, which sees its own position and those before it
+            q, L = q[torch.arange(B, device=x.device), :, last, None], 1  # (B, heads, 1, d)
+            mask = (torch.arange(k.shape[2], device=x.device) <= last[:, None])[:, None, None]  # (B, 1, 1, L)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
@@ -468,15 +468,15 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, slots=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots)
+    def forward(self, x, cos, sin, mask=None, cache=None, slots=None, last=None):  # last: as Attention takes it
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slots, last)
+        x = x + h if last is None else x[torch.arange(len(x), device=x.device), last, None] + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class KVCache:
-    """The keys and values of every position so far, for generation: per layer a preallocated buffer
-    (B, n_kv_heads, slots, head_dim), written in place at the slots of new tokens. Its shapes never
-    change, so a compiled decode step can replay one CUDA graph per token (as gpt-fast does)."""
+    """The keys and values so far: per layer a preallocated buffer (B, n_kv_heads, slots, head_dim), written in
+    place at the new tokens' slots. Its shapes never change: a compiled decode step replays one CUDA graph."""
 
     def __init__(self, cfg, batch, slots, dtype, device):  # one tensor per layer: each is updated in place
         shape, self.slots = (batch, cfg.n_kv_heads, slots, cfg.dim_per_head), slots
@@ -503,10 +503,10 @@ class Decoder(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x, positions, mask=None, cache=None, slots=None, return_hidden=False):
-        """x (B, L, D) at positions (B or 1, L) -> final hidden states (B, L, D); mask, cache, slots as Attention
-        takes them. return_hidden: also the n_layers + 1 hidden states as Hugging Face counts them (for
-        distillation): [0] the input embeddings, [i] block i's output, [-1] the final norm's."""
+    def forward(self, x, positions, mask=None, cache=None, slots=None, return_hidden=False, last=None):
+        """x (B, L, D) at positions (B or 1, L) -> final hidden states (B, L, D), (B, 1, D) with last; mask, cache,
+        slots, last as Attention takes them. return_hidden: also the n_layers + 1 hidden states as Hugging Face
+        counts them (for distillation): [0] the input embeddings, [i] block i's output, [-1] the final norm's."""
         angles = positions[..., None].float() * rope_inv_freq(self.cfg, x.device)  # (B or 1, L, d/2)
         angles = torch.cat([angles, angles], -1)  # the rotate-half layout: both halves share a frequency
         cos, sin = angles.cos(), angles.sin()
@@ -516,7 +516,7 @@ class Decoder(nn.Module):
             if self.cfg.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, mask, kv, slots, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, kv, slots)
+                x = block(x, cos, sin, mask, kv, slots, last if i == len(self.layers) - 1 else None)
             if return_hidden:  # otherwise each block's output is freed as soon as the next one has run
                 hidden.append(x)
         x = self.norm(x)
@@ -536,8 +536,7 @@ class VideoPanda(nn.Module):
         self.decoder = Decoder(cfg)
 
     def num_params(self):  # per part; a tied lm_head is the embedding, counted once
-        parts = {"stab": self.stab, "projector": self.projector, "decoder": self.decoder}
-        return {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        return {n: sum(p.numel() for p in getattr(self, n).parameters()) for n in ("stab", "projector", "decoder")}
 
     def encode_videos(self, videos):
         """videos (B, T, 3 or 4, S, S) -> visual embeddings (B, L, D), lengths (B,)."""
@@ -550,8 +549,8 @@ class VideoPanda(nn.Module):
 
     def embed_inputs(self, videos, input_ids, labels=None, lengths=None):
         """Splice each video's visual tokens at the VIDEO_PLACEHOLDER of its prompt. input_ids (B, L_text)
-        right-padded, lengths (B,) real tokens per row (None: all). Returns the embeddings (B, L, D),
-        right-padded with zeros, the labels (B, L) or None, and the lengths (B,)."""
+        right-padded, lengths (B,) real tokens per row (None: all). Returns the embeddings (B, L, D), L =
+        L_text - 1 + L_vis, right-padded with zeros, the labels (B, L) or None, and the lengths (B,)."""
         (B, L_text), dev = input_ids.shape, input_ids.device
         lengths = torch.full((B,), L_text, device=dev) if lengths is None else lengths.to(dev)
         is_video = (input_ids == VIDEO_PLACEHOLDER) & (torch.arange(L_text, device=dev) < lengths[:, None])
@@ -559,13 +558,13 @@ class VideoPanda(nn.Module):
             raise ValueError(f"every prompt needs exactly one <video> placeholder ({VIDEO_PLACEHOLDER}); "
                              f"found {is_video.sum(1).tolist()} per row")
         vis, n_vis = self.encode_videos(videos)  # (B, L_vis, D), (B,)
-        out_len = lengths - 1 + n_vis
-        if int(out_len.max()) > self.cfg.max_seq_len:
-            raise ValueError(f"a sequence of {int(out_len.max())} tokens (text and video) exceeds the decoder's "
-                             f"context, max_seq_len={self.cfg.max_seq_len}: shorten the prompt or use fewer frames")
+        L, out_len = L_text - 1 + vis.shape[1], lengths - 1 + n_vis  # L from the shapes: no wait for the GPU
+        if L > self.cfg.max_seq_len:
+            raise ValueError(f"{L} positions (text and video) exceed the decoder's context, max_seq_len="
+                             f"{self.cfg.max_seq_len}: shorten the prompt or use fewer frames")
         # Output position j: text j before the placeholder, video j - at in its span, text j - n_vis + 1 after.
         at = is_video.int().argmax(1)[:, None]  # (B, 1)
-        j = torch.arange(int(out_len.max()), device=dev)[None]  # (1, L)
+        j = torch.arange(L, device=dev)[None]  # (1, L)
         in_video = (j >= at) & (j < at + n_vis[:, None])
         text_pos = torch.where(j < at, j, j - n_vis[:, None] + 1).clamp(0, L_text - 1)
         vis_pos = (j - at).clamp(0, vis.shape[1] - 1)
@@ -613,11 +612,9 @@ class VideoPanda(nn.Module):
         if L + max_new_tokens > min(self.cfg.max_seq_len, cache.slots):
             raise ValueError(f"a prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the context, "
                              f"max_seq_len={self.cfg.max_seq_len}, or the KV cache's {cache.slots} slots")
+        logits = self.prefill(x, seq_len, cache)
         slots = torch.arange(cache.slots, device=x.device)
-        h = self.decoder(x, slots[None, :L], cache=cache, slots=slots[:L])
-        logits = self.decoder.lm_head(h[torch.arange(B, device=x.device), seq_len - 1])
-        # Rows are right-padded to L: the new tokens of shorter rows sit after a gap, which the mask hides
-        # (with the slots not written yet); positions go on from each row's length.
+        # Right padding: a shorter row's new tokens sit after a gap that the mask hides; positions go on from its length
         visible = slots[None] < seq_len[:, None]  # (B, slots)
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         for step in range(max_new_tokens):
@@ -631,6 +628,10 @@ class VideoPanda(nn.Module):
                 return
             visible[:, L + step] = True  # the new token's slot
             logits = self.decode_step(token, seq_len + step, visible, cache, slots[L + step, None])
+
+    def prefill(self, x, seq_len, cache):  # prompts x (B, L, D) into the cache -> next-token logits (B, V)
+        pos = torch.arange(x.shape[1], device=x.device)
+        return self.decoder.lm_head(self.decoder(x, pos[None], cache=cache, slots=pos, last=seq_len - 1)[:, 0])
 
     def decode_step(self, token, positions, visible, cache, slots):
         """New tokens (B,) at positions (B,) -> next-token logits (B, V); the same shapes at every step."""

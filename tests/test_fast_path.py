@@ -155,6 +155,19 @@ def test_each_decode_step_gives_the_logits_of_the_whole_sequence():
             assert rel_err(steps[step - 1][row], whole) < TOLERANCE, (row, step)
 
 
+def test_the_prefill_gives_each_rows_last_state_alone_and_the_same_there():
+    """The prefill's last block computes only each row's last position (the first token needs no other):
+    the states there equal those of a pass over every position."""
+    model, videos, ids, lengths = nano_model_and_prompts()
+    x, _, seq_len = model.embed_inputs(videos, ids, lengths=lengths)
+    positions, rows = torch.arange(x.shape[1])[None], torch.arange(3)
+    with torch.no_grad():
+        last = model.decoder(x, positions, last=seq_len - 1)
+        whole = model.decoder(x, positions)[rows, seq_len - 1]
+    assert last.shape == (3, 1, model.cfg.d_model)
+    assert rel_err(last[:, 0], whole) < TOLERANCE
+
+
 def test_a_larger_cache_reused_gives_the_same_tokens_and_a_small_one_is_an_error():
     model, videos, ids, lengths = nano_model_and_prompts()
     fresh = model.generate(videos, ids, lengths, max_new_tokens=12)

@@ -280,7 +280,7 @@ def test_a_sequence_longer_than_the_context_is_an_error():
     model = nano(max_seq_len=40)
     v = videos(model.cfg, B=1)
     ids, _ = prompts([20], 64)  # 28 visual + 19 text = 47 > 40
-    with pytest.raises(ValueError, match="exceeds the decoder's context"):
+    with pytest.raises(ValueError, match="exceed the decoder's context"):
         model(v, ids)
     ids, _ = prompts([10], 64)  # 37 fits, but not with 8 more
     with pytest.raises(ValueError, match="max_new_tokens"):

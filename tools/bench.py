@@ -12,7 +12,8 @@ Sections
           (PandaConfig.fast=False) beside the fast ones
   vit     a ViT-L/14 image encoder (CLIP-L shape, random weights) on the same 8 frames at 224 and 336 px
   decode  the whole model at batch 1: time to first token (video + 40-token question), tokens/s eager
-          and compiled (inference.py's options, and inductor's own fusion, timed in turns)
+          and compiled (inference.py's options, and inductor's own fusion, timed in turns), and the whole
+          answer compiled as inference.py says (compile_prefill, compile_decoding)
   train   training steps/s: the tiny preset, and stage 1 at the paper preset (decoder frozen)
 
 GPU times are medians of CUDA-event timings after warm-up, with inputs rotated so that they do not
@@ -496,20 +497,20 @@ def decode_run(ctx, model, video, ids, n_new, cache):
 
 
 def decode_variants(ctx, variants, model, video, ids, n_new, runs, warmup, **extra):
-    """variants: name -> (decode step or None for the model's own, KV cache). Each is warmed up, then they
-    are timed in turns, so that a slower or faster moment of the card touches all of them alike."""
-    def run(step, cache):
-        if step is not None:
-            model.decode_step = step
+    """variants: name -> (methods, KV cache), methods: {"decode_step": ..., "prefill": ...} in place of the
+    model's own ({}: its own). Each is warmed up, then they are timed in turns, so that a slower or faster
+    moment of the card touches all of them alike."""
+    def run(methods, cache):
+        vars(model).update(methods)
         return decode_run(ctx, model, video, ids, n_new, cache)
 
-    for step, cache in variants.values():
+    for methods, cache in variants.values():
         for _ in range(warmup):
-            run(step, cache)
+            run(methods, cache)
     got = {name: [] for name in variants}
     for _ in range(runs):
-        for name, (step, cache) in variants.items():
-            got[name].append(run(step, cache))
+        for name, (methods, cache) in variants.items():
+            got[name].append(run(methods, cache))
     for name, g in got.items():
         ctx.add(section="decode", name=name, ttft_ms=statistics.median(x[0] for x in g),
                 tok_s=statistics.median(x[1] for x in g), new_tokens=n_new, **extra)
@@ -537,7 +538,7 @@ def bench_decode(ctx):
             + (f": at the measured copy rate, <= {bound:.0f} tokens/s" if bound else ""))
     extra = dict(prompt_tokens=L, hbm_bound_tok_s=bound)
     with torch.no_grad():
-        decode_variants(ctx, {"eager": (None, None)}, model, video, ids, n_new, runs, 1, **extra)
+        decode_variants(ctx, {"eager": ({}, None)}, model, video, ids, n_new, runs, 1, **extra)
         if not a.quick:
             profile(ctx, "time to first token (eager): STAB + projector + prefill",
                     lambda: next(model.stream(video, ids, max_new_tokens=1)), (), steps=2)
@@ -547,7 +548,7 @@ def bench_decode(ctx):
             # with and without the option that has each matrix-vector kernel read its input from memory
             variants = {"compiled, fused": inference.DECODE_OPTIONS, "compiled, fused, inductor's own fusion": own}
             compiled_decode(ctx, variants, fused, video, ids, n_new, L, runs, extra)
-            first_token(ctx, fused, video, ids, runs, extra)
+            compiled_answer(ctx, fused, video, ids, n_new, L, runs, extra)
             del fused
             if ctx.compile_ok() and ctx.time_left() > 0.6 * a.budget:  # what fusing brings
                 compiled_decode(ctx, {"compiled, not fused": inference.DECODE_OPTIONS}, model, video, ids, n_new, L,
@@ -567,12 +568,12 @@ def compiled_decode(ctx, variants, model, video, ids, n_new, L, runs, extra):
         compiled = {}
         for name, options in variants.items():
             cache = inference.compile_decoding(model, 1, L + n_new, options)
-            compiled[name] = (model.decode_step, cache)
+            compiled[name] = ({"decode_step": model.decode_step}, cache)
             del model.decode_step  # back to the plain method, for the next compilation
         decode_variants(ctx, compiled, model, video, ids, n_new, runs, 2, **extra)
         if not ctx.args.quick:
-            name, (step, cache) = next(iter(compiled.items()))  # the first variant's kernels
-            model.decode_step = step
+            name, (methods, cache) = next(iter(compiled.items()))  # the first variant's kernels
+            vars(model).update(methods)
             profile(ctx, f"decode steps, {name}", lambda: list(model.stream(video, ids, max_new_tokens=4, cache=cache)),
                     (), steps=1)
     except Exception as e:
@@ -581,24 +582,26 @@ def compiled_decode(ctx, variants, model, video, ids, n_new, L, runs, extra):
         vars(model).pop("decode_step", None)  # back to the plain method
 
 
-def first_token(ctx, model, video, ids, runs, extra):
-    """Time to first token with the STAB and projector replayed as one CUDA graph (one video is too little
-    work to hide a launch per kernel) and each decoder block compiled (regional compilation: one graph
-    serves all the identical blocks); the prefill is a few large matmuls, bound by compute."""
-    model.encode_videos = torch.compile(model.encode_videos, dynamic=False, mode="reduce-overhead")
-    for block in model.decoder.layers:
-        block.compile(dynamic=False)
+def compiled_answer(ctx, model, video, ids, n_new, L, runs, extra):
+    """The whole answer as a user compiles it: the first token through inference.compile_prefill, the others
+    through the compiled decode step, one KV cache for both; the prefill with and without its CUDA graph,
+    timed in turns."""
     try:
-        ttft = []
-        for _ in range(2 + runs):
-            clock = Clock(ctx.cuda).start()
-            next(model.stream(video, ids, max_new_tokens=1))
-            ttft.append(clock.stop())
-            ctx.sync()
-        ctx.add(section="decode", name="STAB as a CUDA graph + compiled blocks, fused",
-                ttft_ms=statistics.median(c.ms() for c in ttft[2:]), tok_s=None, **extra)
+        inference.compile_prefill(model, graph=False)
+        cache = inference.compile_decoding(model, 1, L + n_new)
+        step, prefill = model.decode_step, model.prefill
+        variants = {"compiled prefill and decode, fused": ({"decode_step": step, "prefill": prefill}, cache),
+                    "the same, the prefill as one CUDA graph": (
+                        {"decode_step": step, "prefill": inference.GraphedPrefill(prefill)}, cache)}
+        decode_variants(ctx, variants, model, video, ids, n_new, runs, 2, **extra)
+        if not ctx.args.quick:
+            profile(ctx, "time to first token, the prefill as one CUDA graph",
+                    lambda: next(model.stream(video, ids, max_new_tokens=1, cache=cache)), (), steps=2)
     except Exception as e:
-        failed(ctx, "compiled prefill", e)
+        failed(ctx, "compiled prefill and decode", e)
+    finally:
+        for name in ("decode_step", "prefill"):
+            vars(model).pop(name, None)
 
 
 # ============================================================================================
