@@ -261,9 +261,8 @@ class GSTRA(nn.Module):
         for lin in (self.attn.q[1], self.attn.kv[1]):
             nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(lin.bias)
-        for lin in (self.attn.proj, self.mlp[-1]):  # with the zero query: uniform attention, a chunk token of 0
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        for p in [*self.attn.proj.parameters(), *self.mlp[-1].parameters()]:  # the zero query: a chunk token of 0
+            nn.init.zeros_(p)
 
     def forward(self, tokens):  # (N, k*p*p, C): the full-resolution LSTE output, padding unmasked, as released
         x = self.attn(self.query.expand(tokens.shape[0], -1), tokens)
