@@ -1,17 +1,18 @@
 """Answering at the card's limit: the same decoder maths with fewer, larger matmuls, the first token's path
 compiled, and the decode step compiled into one CUDA graph per token (gpt-fast's recipe).
 
-    inference.fuse(model)                     # q/k/v and gate/up each one matmul, in place
+    inference.fuse(model)                     # q/k/v and gate/up each one matmul, o and down split; in place
     inference.compile_prefill(model)           # the first token: the video and the prompt
     cache = inference.compile_decoding(model)  # then model.generate(..., cache=cache) as usual
 
 Decoding one token at batch 1 reads every weight once: it is bound by memory bandwidth, and what costs
 beyond that is kernels (each one a launch and a pass too small to fill the card). Three projections of
-the same input as one matmul read the input once and launch one kernel; a CUDA graph replays a token's
-kernels without the CPU. The first token is bound by compute instead (a prefill's matmuls are large):
-compiling fuses the element-wise passes between them and shortens the CPU's time between kernels.
-The checkpoint's names and shapes do not change: fusing happens after loading, on a model that only
-answers (its state_dict has the fused names: save the unfused model).
+the same input as one matmul read the input once and launch one kernel; a product with few outputs is split
+into pieces, more rows for the kernel (SplitLinear); a CUDA graph replays a token's kernels without the
+CPU. The first token is bound by compute instead (a prefill's matmuls are large): compiling fuses the
+element-wise passes between them and shortens the CPU's time between kernels. The checkpoint's names
+and shapes do not change: fusing happens after loading, on a model that only answers (its state_dict has
+the fused names: save the unfused model).
 """
 
 import torch
@@ -32,25 +33,54 @@ def fused_linear(linears):
     return fused
 
 
+class SplitLinear(nn.Linear):
+    """An nn.Linear with the same weight and bias, whose product with a single vector, when compiled, sums
+    each output in `splits` pieces of the input: the same products, in fp32, summed in another order. At
+    batch 1 the o and down projections have only d_model outputs, one weight row each, and their
+    matrix-vector kernels streamed slower than the wider q/k/v and gate/up ones (docs/bench-notes.md, runs
+    25-26); in 16 pieces they are 16x as many shorter rows, then a small sum over the pieces. Eager, and for
+    more than one vector, it is the plain F.linear: there the split form would write out every product."""
+
+    # More than 8 pieces: inductor writes a sum of 8 or fewer terms into the kernel that reads it, here the
+    # next RMSNorm, which one block of threads computes.
+    def __init__(self, linear, splits=16):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.splits = linear.in_features, linear.out_features, splits
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+
+    def forward(self, x):
+        if not torch.compiler.is_compiling() or x.numel() != self.in_features or self.in_features % self.splits:
+            return F.linear(x, self.weight, self.bias)
+        return self.split_product(x)
+
+    def split_product(self, x):  # x (..., K) holding one vector -> (..., N)
+        (N, K), s = self.weight.shape, self.splits
+        parts = (self.weight.view(N, s, K // s).float() * x.reshape(1, s, K // s).float()).sum(-1)  # (N, s)
+        out = parts.sum(-1) if self.bias is None else parts.sum(-1) + self.bias.float()
+        return out.to(x.dtype).view(*x.shape[:-1], N)
+
+
 class FusedAttention(Attention):
-    """panda.Attention with its q, k and v projections as one matmul (Attention.project)."""
+    """panda.Attention with its q, k and v projections as one matmul (Attention.project), o split (SplitLinear)."""
 
     def __init__(self, attn):
         nn.Module.__init__(self)
-        self.n_heads, self.n_kv_heads, self.d, self.o_proj = attn.n_heads, attn.n_kv_heads, attn.d, attn.o_proj
+        self.n_heads, self.n_kv_heads, self.d = attn.n_heads, attn.n_kv_heads, attn.d
         self.qkv_proj = fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        self.o_proj = SplitLinear(attn.o_proj)
 
     def project(self, x):
         return self.qkv_proj(x).split(self.sizes, -1)
 
 
 class FusedMLP(nn.Module):
-    """panda.MLP with its gate and up projections as one matmul."""
+    """panda.MLP with its gate and up projections as one matmul, down split (SplitLinear)."""
 
     def __init__(self, mlp):
         super().__init__()
-        self.gate_up_proj, self.down_proj = fused_linear([mlp.gate_proj, mlp.up_proj]), mlp.down_proj
+        self.gate_up_proj, self.down_proj = fused_linear([mlp.gate_proj, mlp.up_proj]), SplitLinear(mlp.down_proj)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, -1)
@@ -58,7 +88,8 @@ class FusedMLP(nn.Module):
 
 
 def fuse(model):
-    """Fuse every decoder block's q/k/v and gate/up projections, in place; returns the model."""
+    """Fuse every decoder block's q/k/v and gate/up projections and split its o and down ones (SplitLinear), in
+    place; returns the model. The o and down weights stay the same tensors, under the same names."""
     for block in model.decoder.layers:
         block.self_attn, block.mlp = FusedAttention(block.self_attn), FusedMLP(block.mlp)
     return model
