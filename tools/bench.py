@@ -739,7 +739,7 @@ def summary(ctx):
         for r in dec:
             share = r["tok_s"] and r["hbm_bound_tok_s"] and r["tok_s"] / r["hbm_bound_tok_s"]
             out.append(f"  {r['name']:<52} first token {r['ttft_ms']:>7.1f} ms   decode {fmt(r['tok_s'], '.1f'):>6} "
-                       f"tokens/s ({fmt(share and 100 * share, '.0f')}% of the bound)")
+                       f"tokens/s ({fmt(share and 100 * share, '.1f')}% of the bound)")
     tr = [r for r in R if r["section"] == "train"]
     if tr:
         out.append("\n[4] training steps (forward, backward, AdamW)")
