@@ -66,6 +66,15 @@ def test_the_compiled_decode_step_splits_o_and_down_and_keeps_the_greedy_tokens(
     assert len(graphs) == 1 and len(linears) == 2 * model.cfg.n_layers + 1  # q/k/v, gate/up, lm_head: o, down split
 
 
+def test_the_tuner_is_sent_to_the_kernels_gpu_time(monkeypatch):
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    asked = []
+    monkeypatch.setattr(CachingAutotuner, "bench", lambda self, launcher, *args, with_profiler=False, **kwargs:
+                        asked.append(with_profiler) or 1.0)
+    inference.tune_on_kernel_time()  # monkeypatch puts inductor's own bench back afterwards
+    assert CachingAutotuner.bench(None, None) == 1.0 and asked == [True]
+
+
 def test_the_decode_options_are_settings_the_compiler_knows():
     # Without a GPU the decode step is never compiled here: a misspelt option would only fail on one.
     with torch._inductor.config.patch(inference.DECODE_OPTIONS):
