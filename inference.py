@@ -106,10 +106,11 @@ def tune_on_kernel_time():
     candidate with CUDA events around a launch from Python; a decode step's matrix-vector kernel takes about as
     long as its launch, so the choice followed the host's noise, and the same code, compiled afresh, ended with
     faster or slower kernels each time (docs/bench-notes.md, runs 32-34). Inductor's profiler path
-    (CachingAutotuner.bench's with_profiler) reads each kernel's time from the GPU's trace instead; no public
-    option sends the tuner there, hence this wrapper. It changes which kernels are picked, never what they
-    compute, and holds for every later compilation in the process. Left alone if inductor's bench no longer
-    takes with_profiler."""
+    (CachingAutotuner.bench's with_profiler) reads each kernel's time from the GPU's trace instead. No option
+    of torch.compile sends the tuner there (torch 2.13's use_torch_profiler_benchmarker is read once, when
+    inductor is imported), hence this wrapper. It changes which kernels are picked, never what they compute,
+    and holds for every later compilation in the process. Left alone if inductor's bench no longer takes
+    with_profiler."""
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
     bench = CachingAutotuner.bench
     if getattr(bench, "on_kernel_time", False) or "with_profiler" not in inspect.signature(bench).parameters:
