@@ -8,11 +8,13 @@ only. A file someone hands you cannot run code when it is opened; one that tries
 import difflib
 import importlib
 import inspect
+import math
 import os
 import random
 import re
 import signal
 import socket
+import stat
 import sys
 import time
 from dataclasses import fields
@@ -69,6 +71,26 @@ def parse_value(text, kind, key):
         raise ValueError(f"--{key} expects {kind.__name__}, got {text!r}") from None
 
 
+def require_ranges(config, positive=(), non_negative=(), finite=(), choices=None, non_empty=()):
+    """Options checked as they are parsed (a config's __post_init__): the first field that breaks its
+    rule is a ValueError naming --field. positive: > 0; non_negative: >= 0; finite: not inf or NaN
+    (the first two imply finite); choices: {field: the values it may take}; non_empty: text that
+    must say something (an empty --out_dir would be the current directory)."""
+    for names, ok, rule in ((positive, lambda v: v > 0, "positive"),
+                            (non_negative, lambda v: v >= 0, "zero or more"),
+                            (finite, lambda v: True, "a finite number")):
+        for name in names:
+            value = getattr(config, name)
+            if not ((isinstance(value, int) or math.isfinite(value)) and ok(value)):  # an int is finite
+                raise ValueError(f"--{name} must be {rule}, got {value}")
+    for name, allowed in (choices or {}).items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(config, name)!r}")
+    for name in non_empty:
+        if not getattr(config, name).strip():
+            raise ValueError(f"--{name} is empty")
+
+
 def help_text(doc, configs):
     """The script's docstring, then each config's options: --name=default and the comment its field
     has in the source, so that the help is the code's own words."""
@@ -99,8 +121,20 @@ def call_hook(name, model):
 
 
 def pick_device(name):
+    """--device: auto, or a device of this machine (cpu, cuda, cuda:N, mps), checked here: a device
+    that is not there would otherwise fail at the first tensor put on it, deep in the run."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device={name} is not a device: auto, cpu, cuda, cuda:N or mps") from None
+        mps = getattr(torch.backends, "mps", None)
+        count = {"cpu": 1, "cuda": torch.cuda.device_count(),
+                 "mps": int(bool(mps and mps.is_available()))}.get(device.type, 0)
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device={name} is not available: this machine has {count} {device.type} "
+                             f"device{'s' * (count != 1)} (--device=auto picks what there is)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -115,6 +149,9 @@ def run(main, argv):
         main(argv)
     except (ValueError, OSError) as err:  # VideoError, CheckpointError, ... are ValueErrors
         sys.exit("error: " + " ".join(str(err).split()))
+    except KeyboardInterrupt:  # Ctrl-C where nothing is left to save, or a second one: one line too
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
 
 
 # ------------------------------------------------------------------------------------ files
@@ -125,8 +162,9 @@ def write_atomically(path, write):
     holds the process id, so two processes never write into the same one."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a link planted at this name is removed, never written through
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:  # x: a new file, or an error
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -169,12 +207,50 @@ def load_checkpoint(path, device="cpu", keys=("model", "model_config")):
     return state
 
 
+class ModelTooLarge(ValueError):
+    """A model whose weights alone would not fit the memory of the device it is to be made on."""
+
+
+def check_fits(cfg, dtype, *devices):
+    """cfg, once it is known that VideoPanda(cfg)'s weights alone fit each device's memory: sizes that
+    cannot fit are one line before anything is allocated, not a process the kernel kills or a machine
+    that swaps for an hour. The parameters are counted on the meta device (shapes only: free)."""
+    from panda import VideoPanda
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in VideoPanda(cfg).parameters())
+    except RuntimeError as err:  # sizes near 2**63 overflow even the meta device's arithmetic
+        raise ModelTooLarge(f"a model of d_model={cfg.d_model}, vocab_size={cfg.vocab_size} cannot be built: "
+                            f"{' '.join(str(err).split())[:120]}") from None
+    for device in map(torch.device, devices):
+        have = memory_of(device)
+        if have is not None and n * dtype.itemsize > have:
+            sizes = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("stab_dim", "d_model", "n_layers", "ffn_dim",
+                                                                "vocab_size"))
+            weights = f"{n * dtype.itemsize / 2 ** 30:,.1f} GiB of {str(dtype).removeprefix('torch.')} weights"
+            raise ModelTooLarge(f"a model of {sizes} has {n:,} parameters, {weights} alone: more than the "
+                                f"{have / 2 ** 30:,.1f} GiB of memory of {device}")
+    return cfg
+
+
+def memory_of(device):
+    """Bytes a model could take on device: the machine's physical memory for the CPU, what this process
+    can still allocate on a GPU (free, plus what PyTorch holds cached); None where it cannot be known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if device.type == "cpu" else None
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or not these names
+        return None
+
+
 def uninitialised_model(cfg, dtype, device):
     """VideoPanda(cfg) with storage but no initialisation work, for weights that a file or another model
     fills: a 7B decoder is never randomly initialised only to be overwritten, nor held twice."""
     from panda import VideoPanda
     with torch.device("meta"):
-        model = VideoPanda(cfg)  # shapes only: no memory, no init work
+        model = VideoPanda(check_fits(cfg, dtype, device))  # shapes only: no memory, no init work
     model = model.to(dtype).to_empty(device=device)
     if cfg.tie_embeddings:  # to_empty gives every parameter its own new storage, which unties them
         model.decoder.lm_head.weight = model.decoder.embed_tokens.weight
@@ -188,20 +264,131 @@ def build_model(ckpt, path, device, weights=True, **overrides):
     try:
         cfg = PandaConfig(**(ckpt["model_config"] | overrides))
         if not weights:
+            check_fits(cfg, torch.float32, "cpu", device)  # made on the CPU, then moved
             return VideoPanda(cfg).to(device)  # to be filled from sharded files, which need initialised shapes
         model = uninitialised_model(cfg, torch.float32, device)
         model.load_state_dict(ckpt["model"])
+    except ModelTooLarge as err:  # sizes the file asks for, not a mismatch
+        raise CheckpointError(f"{path}: {err}") from None
     except (TypeError, ValueError, RuntimeError) as err:  # unknown config fields, impossible configs, shapes
         raise CheckpointError(f"{path}: its weights and model_config do not fit together: "
                               f"{' '.join(str(err).split())[:300]}") from None
     return model
 
 
-def read_tokenizer(file):
+def read_tokenizer(file, vocab_size=None):
+    """The tokenizer in file; with vocab_size, one whose ids fit the model's embedding (check_tokenizer)."""
     try:
-        return Tokenizer.from_file(str(file))
+        tokenizer = Tokenizer.from_file(str(file))
     except Exception as err:  # the tokenizers library raises plain Exceptions
         raise CheckpointError(f"{file}: not a readable tokenizer.json: {str(err).strip()}") from None
+    return tokenizer if vocab_size is None else check_tokenizer(tokenizer, vocab_size, file)
+
+
+def check_tokenizer(tokenizer, vocab_size, file):
+    """A tokenizer (None: file was missing) whose ids all fit the model's embedding (vocab_size rows);
+    an id past it would fail deep inside the embedding, or worse, read another token's row on a GPU."""
+    if tokenizer is None:
+        raise FileNotFoundError(f"{file} is missing: the model's text cannot be read without it "
+                                f"(weights.from_pretrained's docstring says how to make one)")
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest >= vocab_size:
+        raise CheckpointError(f"{file}: its token ids go up to {largest}, but the model's embedding has "
+                              f"{vocab_size} rows: the tokenizer belongs to another model")
+    return tokenizer
+
+
+def load_train_state(path, device, kind, sharded):
+    """(checkpoint, its train config: a kind) of the run to resume, every key it needs checked as it is
+    read. sharded: the command line's --fsdp, which alone decides whether a sharded run is resumed (DCP
+    reads its .metadata with pickle): a checkpoint saved with the other setting is refused."""
+    ckpt = load_checkpoint(path, device, keys=("model_config",) if sharded else ("model", "model_config"))
+    check_train_state(ckpt, path, sharded)
+    saved = config_from(kind, ckpt["train_config"], path, "train_config")
+    if saved.fsdp != sharded:
+        raise CheckpointError(f"{path}: saved by a run with --fsdp={str(saved.fsdp).lower()}: resume it with "
+                              f"--fsdp={str(saved.fsdp).lower()}" + (" under torchrun" if saved.fsdp else ""))
+    return ckpt, saved
+
+
+def check_export(target):
+    """--export=DIR, checked before a run: what weights.save_pretrained would refuse to replace at the end."""
+    if target:
+        import weights  # safetensors: only an export needs it
+        try:
+            weights.check_target(Path(target), overwrite=False)
+        except FileExistsError as err:  # its advice, overwrite=True, is not an option of the scripts
+            reason = str(err).split(";")[0]
+            raise FileExistsError(f"--export: {reason}: pick another --export or remove it") from None
+
+
+def config_from(kind, values, path, key):
+    """kind(**values) for a config a checkpoint holds under key, checked as the command line's options
+    are: fields kind has, each of its field's type (an int where a float goes too), in range (kind's
+    __post_init__). A field missing takes its default, as in a file saved before that option existed."""
+    types = {f.name: type(f.default) for f in fields(kind)}
+    for name, value in values.items():
+        wanted = types.get(name)
+        if wanted is None:
+            raise CheckpointError(f"{path}: its {key} has an option this code does not know: {name!r}")
+        if type(value) is not wanted and not (wanted is float and type(value) is int):
+            raise CheckpointError(f"{path}: its {key}[{name!r}] is {value!r:.60}: {type(value).__name__}, "
+                                  f"not {wanted.__name__}")
+    try:
+        return kind(**values)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: its {key}: {err}") from None
+
+
+def check_train_state(ckpt, path, sharded):
+    """What a resumed run reads of a checkpoint train.py saved, checked when it is read: each key there
+    and of the kind train.py writes, or one CheckpointError naming the file and the key. sharded: an
+    --fsdp run's train_state.pt, whose optimizer and head are in the shards."""
+    def count(v):  # not a bool, a float or a string
+        return type(v) is int and v >= 0
+
+    def place(v):  # in the synthetic stream: an index; in real data: (epoch, position)
+        if ckpt["train_config"].get("data"):  # train_config is checked first
+            return isinstance(v, (list, tuple)) and len(v) == 2 and all(map(count, v))
+        return count(v)
+
+    def rng(v):  # a random state per process, as many as places
+        return isinstance(v, list) and len(v) == len(ckpt["data_place"]) and all(map(is_rng_state, v))
+
+    rules = {"train_config": dict, "model_config": dict, "step": count, "skipped": list,
+             "data_size": lambda v: v is None or count(v),
+             "data_place": lambda v: isinstance(v, list) and len(v) > 0 and all(map(place, v)), "rng": rng}
+    if not sharded:  # in ckpt.pt: the optimizer, and the distillation head's weights (None without one)
+        rules |= {"optimizer": dict, "distill_head": lambda v: isinstance(v, dict) or
+                  v is None and not ckpt["train_config"].get("distill")}
+    for key, rule in rules.items():
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: not a checkpoint train.py can resume: it has no {key!r}")
+        if not (isinstance(ckpt[key], rule) if isinstance(rule, type) else rule(ckpt[key])):
+            raise CheckpointError(f"{path}: its {key!r} (a {type(ckpt[key]).__name__}) is not what train.py "
+                                  f"saves there: the run cannot be resumed from it")
+
+
+def load_optimizer(optimizer, state, path):
+    """optimizer.load_state_dict(state), or one CheckpointError naming the file: the state must be of
+    these parameters (as many in each group, and every moment of its parameter's shape)."""
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise CheckpointError(f"{path}: its 'optimizer' does not fit this model's parameters: {err}") from None
+    if any(torch.is_tensor(t) and t.dim() and t.shape != p.shape for p, moments in optimizer.state.items()
+           for t in moments.values()):
+        raise CheckpointError(f"{path}: its 'optimizer' holds moments of other shapes than their parameters")
+
+
+def is_rng_state(state):
+    """Whether set_rng_state can restore state: tried on throwaway generators, not this process's."""
+    try:
+        torch.Generator().set_state(state["torch"].cpu())
+        random.Random().setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+        return "cuda" not in state or torch.is_tensor(state["cuda"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError):
+        return False
 
 
 def rng_state():
@@ -247,6 +434,8 @@ class RunLock:
     lives and names it: pid, host, start time, command. The kernel drops the lock when the process
     ends, however it ends, so a lock file left by a killed run is seen to be stale and taken over."""
 
+    WRITTEN = ("ckpt.pt", "tokenizer.json", "results.json")  # train.py's files in out_dir (write_atomically)
+
     def __init__(self, out_dir):
         self.path = Path(out_dir) / "run.lock"
         self.file = None
@@ -254,17 +443,17 @@ class RunLock:
     def acquire(self):
         if fcntl is None:
             return self
-        file = open(self.path, "a+")
+        file = self.open()
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             file.seek(0)
-            holder = file.read().strip() or "a process that has not yet written its name"
+            holder = file.read(1000).strip() or "a process that has not yet written its name"
             file.close()
             raise FileExistsError(f"{self.path.parent} is in use by another run ({holder}); wait for it to "
                                   f"finish or pick another --out_dir") from None
         file.seek(0)
-        left = file.read().strip()
+        left = file.read(1000).strip()  # a name, not a file to hold in memory
         if left:
             print(f"note: {self.path} names a run that no longer holds it ({left}); taking it over")
         file.seek(0)
@@ -273,7 +462,43 @@ class RunLock:
                    f"{' '.join(sys.argv)}\n")
         file.flush()
         self.file = file
+        # A process forked from the run (a DataLoader worker) shares the lock through its copy of the
+        # file: it closes that copy, so the lock ends with the run, not with the last of its workers.
+        os.register_at_fork(after_in_child=self.forget)
+        self.remove_stale_temporaries()
         return self
+
+    def forget(self):  # in a forked child: its copy of the file only; the run keeps the lock
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def open(self):
+        """run.lock for reading and writing, made if missing. Never through a link: a link planted there
+        would have the run empty and overwrite the file it points to (O_NOFOLLOW refuses a symbolic
+        link; a hard link shows as a second name of the file)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError:
+            if self.path.is_symlink():
+                raise FileExistsError(f"{self.path} is a symbolic link, which the run lock never follows: "
+                                      f"remove the link") from None
+            raise  # a directory, no permission, ...: the OSError names the file
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            os.close(fd)
+            what = "a hard link: another name of a file elsewhere" if info.st_nlink > 1 else "not a regular file"
+            raise FileExistsError(f"{self.path} is {what}, which the run lock never writes into: remove it")
+        return os.fdopen(fd, "r+", errors="replace")
+
+    def remove_stale_temporaries(self):
+        """What a save killed mid-write leaves (write_atomically's NAME.tmp-PID beside each file a run
+        writes here): with the lock held no other run writes into this folder, so any left are stale."""
+        stale = re.compile("(" + "|".join(map(re.escape, self.WRITTEN)) + r")\.tmp-\d+")
+        for entry in os.scandir(self.path.parent):
+            if stale.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                print(f"note: removed {entry.path}, left by a save that did not finish")
 
     def release(self):
         if self.file is not None:

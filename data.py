@@ -12,6 +12,7 @@ prompt format (ChatTemplate, tokenize_conversation) is shared too: the release's
 
 import itertools
 import re
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -372,6 +373,13 @@ def conversation_pieces(template, turns):
     return pieces
 
 
+def unknown_words(tokenizer, text):
+    """The words of text that the tokenizer reads as <unk>, which a model would answer as some other
+    question; none where the tokenizer has no <unk> (byte-level ones spell every word)."""
+    unk, encoding = tokenizer.token_to_id("<unk>"), tokenizer.encode(text, add_special_tokens=False)
+    return [text[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if unk is not None and i == unk]
+
+
 def special_token_id(tokenizer, token):
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
@@ -451,14 +459,39 @@ class SyntheticQA:
         batch = collate(examples, pad_id=self.tokenizer.token_to_id("<pad>"))
         return batch | {"samples": [e["sample"] for e in examples]}
 
-    def batches(self, next_sample, batch_size, rank=0, world=1):
+    def batches(self, next_sample, batch_size, rank=0, world=1, workers=0):
         """Endless (batch, place) for training. Sample i is the same on every machine, so the next index is
         the whole place: a step takes the next batch_size * world samples, process r the r-th batch_size of
-        them, and any number of processes can go on from a checkpoint's index."""
-        while True:
-            batch = self.batch(next_sample + rank * batch_size, batch_size)
-            next_sample += batch_size * world
-            yield batch, next_sample
+        them, and any number of processes can go on from a checkpoint's index. workers > 0: the batches are
+        drawn by that many processes while the model trains, the same batches in the same order."""
+        steps = TrainingSteps(self, next_sample, batch_size, rank, world)
+        if not workers:
+            return iter(steps)
+        # batch_size=None: each item is already a batch. With several workers, worker w draws steps w,
+        # w + workers, ...; the DataLoader asks them in turn and returns the batches in step order.
+        return iter(torch.utils.data.DataLoader(steps, batch_size=None, num_workers=workers,
+                                                worker_init_fn=ignore_ctrl_c))
+
+
+def ignore_ctrl_c(worker_id):  # Ctrl-C is the training process's to handle: it finishes its step first
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class TrainingSteps(torch.utils.data.IterableDataset):
+    """SyntheticQA.batches' stream as a dataset a DataLoader's workers can share: step j's batch and the
+    place after it, from step `first` on in steps of `every` (worker w of n: first w, every n)."""
+
+    def __init__(self, task, next_sample, batch_size, rank, world):
+        self.task, self.next_sample, self.batch_size, self.rank, self.world = \
+            task, next_sample, batch_size, rank, world
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        first, every = (worker.id, worker.num_workers) if worker else (0, 1)
+        for step in itertools.count(first, every):
+            start = self.next_sample + step * self.batch_size * self.world  # this step's first sample
+            batch = self.task.batch(start + self.rank * self.batch_size, self.batch_size)
+            yield batch, start + self.batch_size * self.world
 
 
 # --- scoring --------------------------------------------------------------------------------

@@ -110,7 +110,11 @@ def setup(tc, model, ckpt, device):
     teacher, teacher_dim = make_teacher(tc.distill, model.cfg, path=tc.teacher, device=device)
     head = DistillHead(model.cfg, teacher_dim).to(device)
     if ckpt is not None and not tc.fsdp:
-        head.load_state_dict(ckpt["distill_head"])
+        try:
+            head.load_state_dict(ckpt["distill_head"])
+        except (RuntimeError, TypeError, AttributeError) as err:  # missing keys, shapes, not a dict
+            raise CheckpointError(f"{tc.out_dir}/ckpt.pt: its distill_head does not fit this run's head: "
+                                  f"{' '.join(str(err).split())[:200]}") from None
     elif ckpt is None and tc.init_from != "scratch" and is_release(tc.init_from):
         load_release_head(head, tc.init_from)  # the release's trained head, to go on from
     return tc, head, teacher

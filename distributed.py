@@ -18,9 +18,12 @@ from torch import nn
 import common
 
 
-def init(device):
+def init(device, fsdp=False):
     """(device, rank, world_size). Each process joins the group on GPU LOCAL_RANK, NCCL between GPUs,
-    gloo between CPU processes."""
+    gloo between CPU processes. fsdp: --fsdp=true, which needs torchrun's processes to shard over."""
+    if fsdp and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise ValueError("--fsdp=true shards the model over the processes of torchrun: run "
+                         "torchrun --standalone --nproc_per_node=N train.py ... (docs/DISTRIBUTED.md)")
     if "RANK" not in os.environ:
         return device, 0, 1
     if device.type not in ("cuda", "cpu"):
@@ -55,6 +58,12 @@ def all_sum(values, device):
     summed = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(summed)
     return summed.tolist()
+
+
+def all_finite(tensors, device):
+    """Whether the tensors hold no inf or NaN on any process (each checks its own shards of them)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # FSDP: a DTensor's shard
+    return not all_sum([float(not all(torch.isfinite(t).all() for t in local))], device)[0]
 
 
 def gather(obj):
@@ -135,6 +144,19 @@ def checkpoint_folder(path):
         if (folder / "train_state.pt").is_file():
             return folder
     return None
+
+
+def resume_file(out, fsdp):
+    """The file a resumed run reads: out/ckpt.pt, or with --fsdp=true the train_state.pt of the sharded
+    folder. A sharded folder is read only when the command line asks for one: DCP reads its .metadata
+    with pickle, which can run code, so a ckpt_dcp/ someone put in out_dir is not opened on its own."""
+    folder = checkpoint_folder(out / "ckpt_dcp")
+    if fsdp:
+        return (folder or out / "ckpt_dcp") / "train_state.pt"
+    if folder and not (out / "ckpt.pt").exists():
+        raise FileNotFoundError(f"{folder} is a sharded (--fsdp) run's checkpoint: resume it with --fsdp=true "
+                                f"under torchrun, which reads its .metadata, a pickle: only for folders you made")
+    return out / "ckpt.pt"
 
 
 def save_sharded(path, model, head, optimizer, train_state):

@@ -76,14 +76,24 @@ class PandaConfig:
     gstra: bool = True         # False: the fused token is fuse(frame token) alone
 
     def __post_init__(self):
+        zero_ok = ("n_layers", "head_dim", "stab_dropout")  # a STAB alone; d_model // n_heads; no dropout
+        for name, value in vars(self).items():  # sizes and rates first: the rules below divide by them
+            if type(value) in (int, float) and not (0 < value < math.inf or value == 0 and name in zero_ok):
+                raise ValueError(f"--{name} must be {'zero or more' if name in zero_ok else 'positive'}, got {value}")
         for wrong, why in [
-                (self.lsd not in ("attention", "avgpool"), f"lsd must be 'attention' or 'avgpool', got {self.lsd!r}"),
+                (self.lsd not in ("attention", "avgpool"), f"--lsd must be 'attention' or 'avgpool', got {self.lsd!r}"),
                 (not (self.fsra or self.gstra), "fsra=False and gstra=False leave the fused token no context"),
-                (self.n_frames % self.chunk_frames, f"n_frames={self.n_frames} must be a multiple of chunk_frames"),
-                (self.stab_dim % self.stab_heads, f"stab_dim={self.stab_dim} must be a multiple of stab_heads"),
-                (self.n_heads % self.n_kv_heads, f"n_heads={self.n_heads} must be a multiple of n_kv_heads"),
+                (self.stab_dropout >= 1, f"--stab_dropout must be below 1, got {self.stab_dropout}"),
+                (self.stab_dim < self.lste_reduction, "--lste_reduction above --stab_dim leaves LSTE no channel"),
+                (self.rope_factor != 1 and self.rope_high_freq_factor <= self.rope_low_freq_factor,
+                 "--rope_high_freq_factor must be above --rope_low_freq_factor: rope scaling blends between them"),
+                (self.dim_per_head % 2, f"--head_dim (or --d_model // --n_heads) of {self.dim_per_head}: rotary "
+                                        f"embeddings turn pairs of channels, so it must be even"),
+                (self.n_frames % self.chunk_frames, f"--n_frames={self.n_frames} must be a multiple of chunk_frames"),
+                (self.stab_dim % self.stab_heads, f"--stab_dim={self.stab_dim} must be a multiple of stab_heads"),
+                (self.n_heads % self.n_kv_heads, f"--n_heads={self.n_heads} must be a multiple of n_kv_heads"),
                 (self.image_size % (self.patch_size * self.lsd_window),
-                 f"image_size={self.image_size} must be a multiple of patch_size*lsd_window")]:
+                 f"--image_size={self.image_size} must be a multiple of patch_size*lsd_window")]:
             if wrong:
                 raise ValueError(why)
 
@@ -607,10 +617,11 @@ class VideoPanda(nn.Module):
         prefill), filling the KV cache; then one position per new token. cache: a KVCache to reuse (None: new)."""
         x, _, seq_len = self.embed_inputs(videos, input_ids, lengths=lengths)
         B, L, _ = x.shape
-        cache = KVCache(self.cfg, B, L + max_new_tokens, x.dtype, x.device) if cache is None else cache
-        if L + max_new_tokens > min(self.cfg.max_seq_len, cache.slots):
+        n_slots = L + max_new_tokens if cache is None else cache.slots  # checked before a new cache is made
+        if L + max_new_tokens > min(self.cfg.max_seq_len, n_slots):
             raise ValueError(f"a prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the context, "
-                             f"max_seq_len={self.cfg.max_seq_len}, or the KV cache's {cache.slots} slots")
+                             f"max_seq_len={self.cfg.max_seq_len}, or the KV cache's {n_slots} slots")
+        cache = KVCache(self.cfg, B, n_slots, x.dtype, x.device) if cache is None else cache
         logits = self.prefill(x, seq_len, cache)
         slots = torch.arange(cache.slots, device=x.device)
         # Right padding: a shorter row's new tokens sit after a gap that the mask hides; positions go on from its length

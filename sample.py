@@ -12,7 +12,8 @@ ActivityNet-QA), answered greedily in batches:
 
 writes --pred_out: a JSON list of {"id", "video", "question", "answer", "pred"}, or with a .jsonl name one
 such object per line, the file the release's GPT judge (eval_video_qa.py) reads; then prints exact-match
-and contains-answer accuracy, quick checks beside that judge's.
+and contains-answer accuracy, quick checks beside that judge's. Ctrl-C stops answering and writes the
+answers so far; an existing --pred_out is replaced only with --overwrite=true.
 
 The prompt: a model trained on the synthetic task is asked in that task's own words; pretrained
 directories and models trained on instruction data get the release's evaluation prompt
@@ -20,6 +21,7 @@ directories and models trained on instruction data get the release's evaluation 
 """
 
 import json
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +30,9 @@ import torch
 
 import common
 import data
+
+
+TEMPLATES = ("synthetic", "vicuna_v1", "videopanda_v1")  # the prompt formats a question is asked in
 
 
 @dataclass
@@ -51,7 +56,15 @@ class SampleConfig:
     pred_out: str = "preds.json"  # the predictions (.json, or .jsonl for one per line)
     batch_size: int = 8         # videos answered together
     num_workers: int = 2        # DataLoader processes decoding videos while the model answers
-    on_error: str = "raise"     # an unusable video: raise (stop) | skip (name it, count it, go on)
+    on_error: str = "raise"     # an unusable video or question: raise (stop) | skip (name, count, go on)
+    overwrite: bool = False     # replace an existing --pred_out or --viz (never an input, a model or a video)
+
+    def __post_init__(self):  # every option checked as it is parsed, before a model is loaded
+        common.require_ranges(self, positive=("max_new_tokens", "batch_size"),
+                              non_negative=("temperature", "top_k", "num_workers", "viz_frame"))
+        for name, allowed in (("template", ("auto", *TEMPLATES)), ("on_error", ("raise", "skip"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be {' | '.join(allowed)}; got {getattr(self, name)!r}")
 
 
 def load(sc, device):
@@ -62,19 +75,23 @@ def load(sc, device):
             raise FileNotFoundError(f"{sc.out_dir} holds a sharded --fsdp checkpoint, which sample.py cannot read: "
                                     f"answer with the run's --export directory (--init_from=DIR)")
         ckpt = common.load_checkpoint(path, device)
+        trained_on = ckpt.get("template")
+        if trained_on not in TEMPLATES:  # asked in another format, it would answer another question
+            raise common.CheckpointError(f"{path}: its template {trained_on!r} is none of "
+                                         f"{', '.join(TEMPLATES)}")
         model = common.build_model(ckpt, path, device)
-        tokenizer, trained_on = common.read_tokenizer(Path(sc.out_dir) / "tokenizer.json"), ckpt["template"]
+        tokenizer_file = Path(sc.out_dir) / "tokenizer.json"
+        tokenizer = common.read_tokenizer(tokenizer_file)
     else:
         import weights
         model, tokenizer = weights.from_pretrained(sc.init_from, device=device)
         if tokenizer is None:
             raise FileNotFoundError(f"{sc.init_from} has no tokenizer.json (weights.from_pretrained's "
                                     f"docstring says how to make one)")
-        trained_on = "vicuna_v1"
+        tokenizer_file, trained_on = Path(sc.init_from) / "tokenizer.json", "vicuna_v1"
+    common.check_tokenizer(tokenizer, model.cfg.vocab_size, tokenizer_file)
     # The release trains with vicuna_v1 and asks its evaluation questions in videopanda_v1.
     name = sc.template if sc.template != "auto" else "synthetic" if trained_on == "synthetic" else "videopanda_v1"
-    if name not in ("synthetic", "vicuna_v1", "videopanda_v1"):
-        raise ValueError(f"--template must be auto, synthetic, vicuna_v1 or videopanda_v1; got {name!r}")
     return model.eval(), tokenizer, name
 
 
@@ -101,8 +118,7 @@ def load_video(spec, cfg):
 def prompt_ids(tokenizer, template, question):
     """The prompt's ids, ending in "ASSISTANT:". A word the tokenizer does not know is an error: it
     would be read as <unk>, and the model would answer some other question."""
-    unk, encoding = tokenizer.token_to_id("<unk>"), tokenizer.encode(question, add_special_tokens=False)
-    unknown = [question[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if unk is not None and i == unk]
+    unknown = data.unknown_words(tokenizer, question)
     if unknown:
         known = ""
         if template is data.SYNTHETIC:
@@ -117,38 +133,48 @@ def prompt_ids(tokenizer, template, question):
 
 def answer_qa_set(sc, model, tokenizer, template, device):
     """Answer every question of a QA file in batches, greedily; write the predictions and score them.
-    Everything that can be checked first is: the answers are never lost to a bad --pred_out."""
+    Everything that can be checked first is (check_output): the answers are never lost to a bad
+    --pred_out. Ctrl-C stops answering and writes the answers so far."""
     import video
     from torch.utils.data import DataLoader
     if not (sc.answers and sc.video_folder):
         raise ValueError("--eval needs --answers=ANSWERS.json and --video_folder=DIR as well")
-    pred_out = Path(sc.pred_out)
-    check_pred_out(pred_out, [sc.eval, sc.answers])
+    # A question too long to answer within the context, or with words the model does not know, is
+    # that question's own error: raised, or under --on_error=skip named, counted and skipped.
     dataset = video.VideoQADataset(sc.eval, sc.answers, sc.video_folder, tokenizer, model.cfg, template,
-                                   on_error=sc.on_error, decode_threads=1)  # one thread a worker: workers in parallel
+                                   on_error=sc.on_error, max_new_tokens=sc.max_new_tokens,
+                                   decode_threads=1)  # one thread a worker: workers in parallel
     if len(dataset) == 0:
         raise ValueError(f"{sc.eval}: no questions to answer")
     eos_id = data.special_token_id(tokenizer, template.eos)
     loader = DataLoader(dataset, batch_size=sc.batch_size, num_workers=sc.num_workers,
                         collate_fn=video.collate_video_batch)
-    records, skipped = [], []
+    records, skipped, stopped, pred_out = [], [], False, Path(sc.pred_out)
     from tqdm import tqdm
-    for batch in tqdm(loader, desc="answering", unit="batch", dynamic_ncols=True):
-        video.apply_error_policy(batch, sc.on_error, skipped)
-        if batch["input_ids"] is None:  # nothing in this batch loaded
-            continue
-        answers = model.generate(batch["videos"].to(device), batch["input_ids"].to(device),
-                                 batch["lengths"].to(device), max_new_tokens=sc.max_new_tokens, eos_id=eos_id)
-        for row, ids in enumerate(answers.tolist()):
-            records.append({"id": batch["id"][row], "video": batch["video_name"][row],
-                            "question": batch["question"][row], "answer": batch["answer"][row],
-                            "pred": data.answer_text(tokenizer, ids, eos_id)})
+    try:
+        for batch in tqdm(loader, desc="answering", unit="batch", dynamic_ncols=True):
+            video.apply_error_policy(batch, sc.on_error, skipped)
+            if batch["input_ids"] is None:  # nothing in this batch loaded
+                continue
+            answers = model.generate(batch["videos"].to(device), batch["input_ids"].to(device),
+                                     batch["lengths"].to(device), max_new_tokens=sc.max_new_tokens,
+                                     eos_id=eos_id)
+            for row, ids in enumerate(answers.tolist()):
+                records.append({"id": batch["id"][row], "video": batch["video_name"][row],
+                                "question": batch["question"][row], "answer": batch["answer"][row],
+                                "pred": data.answer_text(tokenizer, ids, eos_id)})
+    except KeyboardInterrupt:  # Ctrl-C: stop answering, but keep what was answered
+        if not records:
+            raise
+        stopped = True
     if not records:
-        raise ValueError(f"{sc.eval}: not one of its {len(dataset)} questions could be answered (every video "
-                         f"was unusable; is --video_folder right?); {pred_out} is left as it was")
-    text = "".join(json.dumps(r) + "\n" for r in records) if pred_out.suffix == ".jsonl" \
-        else json.dumps(records, indent=1) + "\n"
-    common.write_atomically(pred_out, lambda f: f.write(text.encode()))
+        raise ValueError(f"{sc.eval}: not one of its {len(dataset)} questions could be answered (every one "
+                         f"was skipped; is --video_folder right?); {pred_out} is left as it was")
+    write_predictions(pred_out, records)
+    if stopped:
+        print(f"error: interrupted (Ctrl-C): {len(records)} of {len(dataset)} questions answered; this "
+              f"partial set is in {pred_out}", file=sys.stderr)
+        sys.exit(130)
     triples = [("all", r["answer"], r["pred"]) for r in records]
     exact, contains = data.accuracy(triples)["all"], data.accuracy(triples, contains=True)["all"]
     print(f"{len(records)} questions answered, {len(skipped)} skipped; predictions in {pred_out}")
@@ -157,18 +183,45 @@ def answer_qa_set(sc, model, tokenizer, template, device):
     print(f"exact match: {exact:.1%}, contains the answer: {contains:.1%}")
 
 
-def check_pred_out(pred_out, inputs):
-    """Fail now, not after hours of answering: --pred_out must be a file we can write, and not an input."""
-    if any(pred_out.resolve() == Path(p).resolve() for p in inputs):
-        raise ValueError(f"--pred_out={pred_out} is one of the input files; it would be overwritten")
-    if pred_out.is_dir():
-        raise ValueError(f"--pred_out={pred_out} is a directory; name a file in it")
+def write_predictions(pred_out, records):
+    """A JSON list, or for a .jsonl name one object a line; written atomically, so a failure (a full
+    disk) leaves --pred_out as it was."""
+    text = "".join(json.dumps(r) + "\n" for r in records) if pred_out.suffix == ".jsonl" \
+        else json.dumps(records, indent=1) + "\n"
     try:
-        pred_out.parent.mkdir(parents=True, exist_ok=True)
-        common.write_atomically(pred_out.with_name(pred_out.name + ".check"), lambda f: None)
-        pred_out.with_name(pred_out.name + ".check").unlink()
+        common.write_atomically(pred_out, lambda f: f.write(text.encode()))
     except OSError as err:
-        raise ValueError(f"--pred_out={pred_out} cannot be written: {err}") from None
+        raise OSError(f"--pred_out={pred_out} could not be written: {err.strerror or err}; "
+                      f"it is left as it was") from None
+
+
+def check_output(option, sc):
+    """Fail now, not after hours of answering: the file --option names is one this run may write. Not
+    an input (questions, answers, the video), nothing of the model's and nothing under --video_folder;
+    an existing file only with --overwrite=true; in a folder that can be written. Nothing is written
+    to find out."""
+    path = Path(getattr(sc, option))
+    target = path.resolve()
+    out = Path(sc.out_dir)
+    inputs = [sc.eval, sc.answers, sc.video, out / "ckpt.pt", out / "tokenizer.json"]
+    if any(target == Path(p).resolve() for p in inputs if p):
+        raise ValueError(f"--{option}={path} is one of the input files (the model's, a video, the "
+                         f"questions or answers); it would be overwritten")
+    folders = {"video_folder": sc.video_folder, "init_from": "" if sc.init_from == "resume" else sc.init_from}
+    for name, folder in folders.items():
+        if folder and target.is_relative_to(Path(folder).resolve()):
+            raise ValueError(f"--{option}={path} is inside --{name}={folder}, which this run reads; "
+                             f"write it elsewhere")
+    if path.is_dir():
+        raise ValueError(f"--{option}={path} is a directory; name a file in it")
+    if path.exists() and not sc.overwrite:
+        raise FileExistsError(f"--{option}={path} exists; --overwrite=true replaces it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--{option}={path} cannot be written: {err}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--{option}={path} cannot be written: its folder is not writable")
 
 
 # ------------------------------------------------------------------------------------ one video
@@ -176,6 +229,8 @@ def check_pred_out(pred_out, inputs):
 def main(argv):
     (changes,) = common.parse_args(argv, __doc__, SampleConfig)
     sc = replace(SampleConfig(), **changes)
+    if sc.eval or sc.viz:  # the file this run writes, checked before a model loads
+        check_output("pred_out" if sc.eval else "viz", sc)
     device = common.pick_device(sc.device)
     model, tokenizer, template_name = load(sc, device)
     template = template_named(template_name)

@@ -62,14 +62,21 @@ class TrainConfig:
     device: str = "auto"        # auto: cuda, then mps, then cpu
     compile: bool = False       # torch.compile the model
     fsdp: bool = False          # under torchrun: shard weights, gradients and Adam state over the GPUs (FSDP2)
+    num_workers: int = 2        # processes making the batches (synthetic clips, decoded videos) while the model trains
     # real data: a Video-ChatGPT / Valley instruction file instead of the synthetic task
     data: str = ""              # the annotation JSON; empty = the synthetic task
     video_folder: str = ""      # where its "video" names are looked up
-    num_workers: int = 2        # DataLoader processes decoding videos while the model trains
     frame_cache: str = ""       # cache the resized frames here: later epochs and stages read them, not decode
     on_error: str = "raise"     # an unusable video or entry: raise (stop) | skip (log it, count it, go on)
     export: str = ""            # also write the model as a checkpoint directory here at the end (weights.py)
     model_hook: str = ""        # module.function(model) -> model, run on a fresh model: an experiment, an exercise
+
+    def __post_init__(self):  # checked as parsed (and as read from a checkpoint): one line naming the option
+        common.require_ranges(self, positive=("batch_size", "grad_accum", "max_steps", "eval_every", "eval_samples",
+                                              "max_new_tokens", "questions_per_clip"),
+                              non_negative=("lr_stab", "lr_decoder", "warmup_steps", "min_lr_ratio", "weight_decay",
+                                            "grad_clip", "distill_weight", "save_every", "num_workers"),
+                              choices={"stage": STAGES, "on_error": ("raise", "skip")}, non_empty=("out_dir",))
 
 
 STAGES = {  # Sec. 3.2 and the release's scripts: what trains after a pretrained decoder is loaded, and how fast
@@ -101,8 +108,8 @@ def make_optimizer(model, tc, train_decoder, head):
         groups.append({"params": list(model.decoder.parameters()), "lr": tc.lr_decoder, "base_lr": tc.lr_decoder})
     # fused: one kernel for the whole update on GPUs, as nanoGPT does; the default (foreach) path makes
     # full-size temporaries (for a whole 7B decoder, the sqrt of its second moment alone is 27 GB)
-    fused = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=tc.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=tc.weight_decay,
+                             fused=next(model.parameters()).is_cuda)
 
 
 # ------------------------------------------------------------------------------------ where a run starts
@@ -121,25 +128,19 @@ def start(tc, tc_changes, cfg_changes, device, out):
             raise ValueError("--data needs a pretrained decoder and its tokenizer: pass --init_from=DIR (a model "
                              "trained from scratch knows only the synthetic task's words)")
         tokenizer = data.build_tokenizer()
-        model = VideoPanda(PandaConfig.preset(tc.preset, vocab_size=tokenizer.get_vocab_size(), **cfg_changes))
+        cfg = PandaConfig.preset(tc.preset, vocab_size=tokenizer.get_vocab_size(), **cfg_changes)
+        model = VideoPanda(common.check_fits(cfg, torch.float32, "cpu", device))  # made on the CPU, then moved
         model = common.call_hook(tc.model_hook, model) if tc.model_hook else model
         return model.to(device), tokenizer, tc, None
     import weights  # a pretrained start needs safetensors; the synthetic run does not
     if not tc.data:
         raise ValueError("a pretrained decoder trains on real data: pass --data=FILE.json --video_folder=DIR "
                          "(the synthetic task is tokenised for its own word-level vocabulary only)")
-    if tc.stage not in STAGES:
-        raise ValueError(f"--stage must be one of {', '.join(STAGES)}; got {tc.stage!r}")
     preset = tc.preset if "preset" in tc_changes else "paper"  # the STAB's size: the paper's unless asked
     # float32 master weights, whatever the device: a frozen decoder alone is cast to bf16 later on
     model, tokenizer = weights.from_pretrained(tc.init_from, dtype=torch.float32, device=device, preset=preset,
                                                **cfg_changes)
-    if tokenizer is None:
-        raise FileNotFoundError(f"{tc.init_from} has no tokenizer.json, which training needs to read the "
-                                f"instructions (weights.from_pretrained's docstring says how to make one)")
-    if tokenizer.get_vocab_size() > model.cfg.vocab_size:  # else an id past the embedding fails deep inside it
-        raise ValueError(f"{tc.init_from}: tokenizer.json has {tokenizer.get_vocab_size()} tokens but the model's "
-                         f"embedding only {model.cfg.vocab_size}: the tokenizer belongs to another model")
+    common.check_tokenizer(tokenizer, model.cfg.vocab_size, Path(tc.init_from) / "tokenizer.json")
     stage = STAGES[tc.stage]  # its rates and warm-up, except those the command line set
     rates = {"lr_stab": stage["lr_stab"], "lr_decoder": stage["lr_decoder"],
              "warmup_steps": max(1, round(stage["warmup_ratio"] * tc.max_steps))}
@@ -147,10 +148,8 @@ def start(tc, tc_changes, cfg_changes, device, out):
 
 
 def resume(tc, tc_changes, cfg_changes, device, out):
-    folder = distributed.checkpoint_folder(out / "ckpt_dcp")  # an --fsdp run's shards
-    path = folder / "train_state.pt" if folder else out / "ckpt.pt"
-    ckpt = common.load_checkpoint(path, device, keys=("model_config",) if folder else ("model", "model_config"))
-    saved = TrainConfig(**ckpt["train_config"])
+    path = distributed.resume_file(out, tc.fsdp)  # ckpt.pt, or with --fsdp=true the sharded folder's
+    ckpt, saved = common.load_train_state(path, device, TrainConfig, sharded=tc.fsdp)
     differs = [f"--{k}={v} ({'unset' if k not in ckpt['train_config'] else getattr(saved, k)} there)"
                for k, v in tc_changes.items() if k not in RESUMABLE and v != getattr(saved, k)]
     differs += [f"--{k}={v} ({ckpt['model_config'].get(k)} there)" for k, v in cfg_changes.items()
@@ -158,20 +157,19 @@ def resume(tc, tc_changes, cfg_changes, device, out):
     if differs:
         raise ValueError(f"{path}: a run resumes with the options it began with; these differ: {', '.join(differs)}. "
                          f"Drop them, or start a new run (a new stage: --export this one, then --init_from=EXPORT)")
-    model = common.build_model(ckpt, path, device, weights=folder is None, **cfg_changes)
-    return model, common.read_tokenizer(out / "tokenizer.json"), replace(saved, **tc_changes), ckpt
+    model = common.build_model(ckpt, path, device, weights=not tc.fsdp, **cfg_changes)
+    tokenizer = common.read_tokenizer(out / "tokenizer.json", model.cfg.vocab_size)  # its ids checked against the model
+    return model, tokenizer, replace(saved, **tc_changes), ckpt
 
 
 # ------------------------------------------------------------------------------------ data and evaluation
 
 @torch.no_grad()
 def evaluate(model, tokenizer, n_samples, device, split="heldout", shuffle=False, max_new_tokens=8, batch_size=100):
-    """Exact-match accuracy per question family on the first n_samples of a synthetic split,
-    answering greedily. shuffle=True feeds each clip's frames in a fixed scrambled order. Under
-    torchrun every process answers every world-th question, and the answers are pooled."""
-    was_training = model.training
+    """Exact-match accuracy per question family on the first n_samples of a synthetic split, answered
+    greedily; shuffle: frames in a fixed scrambled order. Under torchrun the processes share the questions."""
+    was_training, cfg, eos = model.training, model.cfg, tokenizer.token_to_id("</s>")
     model.eval()
-    cfg, eos = model.cfg, tokenizer.token_to_id("</s>")
     rank, world = distributed.rank_and_world()
     records, mine = [], range(rank, n_samples, world)
     for start_at in range(0, len(mine), batch_size):
@@ -240,11 +238,9 @@ def clip_and_check(optimizer, tc, step, loss, device):
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-    bad = distributed.all_sum([0.0 if math.isfinite(norm) and math.isfinite(loss) else 1.0], device)[0]
-    if bad:
+    if distributed.all_sum([0.0 if math.isfinite(norm) and math.isfinite(loss) else 1.0], device)[0]:
         raise NonFiniteStep(f"step {step + 1}: the loss is {loss:.4g} and the gradient norm {norm:.4g}: stopped "
                             f"before the update, the last checkpoint is kept; a lower learning rate may help")
-    return norm
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -252,12 +248,9 @@ def clip_and_check(optimizer, tc, step, loss, device):
 def main(argv):
     tc_changes, cfg_changes = common.parse_args(argv, __doc__, TrainConfig, PandaConfig)
     tc = replace(TrainConfig(), **tc_changes)
-    # Under torchrun this script runs once per GPU; each process trains on its own share of every batch,
-    # and rank 0 alone writes the log, the progress bar and the files.
-    device, rank, world = distributed.init(common.pick_device(tc.device))
-    if tc.fsdp and world == 1:
-        raise ValueError("--fsdp=true shards the model over the processes of torchrun: run "
-                         "torchrun --standalone --nproc_per_node=N train.py ... (docs/DISTRIBUTED.md)")
+    # Under torchrun this script runs once per GPU, each process on its share of every batch; rank 0 alone writes.
+    device, rank, world = distributed.init(common.pick_device(tc.device), tc.fsdp)
+    common.check_export(tc.export)  # a target the export may not replace is refused now, not after the run
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = common.RunLock(out).acquire() if rank == 0 else None  # if it fails, torchrun stops the others too
@@ -265,18 +258,21 @@ def main(argv):
     try:
         r = build(tc, tc_changes, cfg_changes, device, rank, world, out)
         loop(r, stop)
-        if r.step < r.tc.max_steps:  # asked to stop
-            if r.tc.save_every:
-                save(r)
-            if r.master:
-                print(f"stopped after step {r.step}; " + (f"saved: go on with python train.py --init_from=resume "
-                                                          f"--out_dir={out}" if r.tc.save_every else "nothing saved"))
-            sys.exit(130)
-        finish(r)
+        if r.step < r.tc.max_steps and r.tc.save_every:  # asked to stop: the step it finished is saved
+            save(r)
+        finish(r, stop)
     finally:
         stop.restore()
         if lock:
             lock.release()
+
+
+def stop_if_asked(r, stop):  # Ctrl-C or SIGTERM, agreed by every process: exit 130, saying how to go on
+    if distributed.all_sum([float(stop.asked)], r.device)[0]:
+        if r.master:
+            print(f"stopped after step {r.step}; " + (f"saved: go on with python train.py --init_from=resume "
+                                                      f"--out_dir={r.out}" if r.tc.save_every else "nothing saved"))
+        sys.exit(130)
 
 
 def build(tc, tc_changes, cfg_changes, device, rank, world, out):
@@ -309,13 +305,12 @@ def build(tc, tc_changes, cfg_changes, device, rank, world, out):
         r.stream = real_batches(r, ckpt)
     else:
         task = data.SyntheticQA(tokenizer, "train", r.cfg.n_frames, r.cfg.image_size, tc.questions_per_clip, r.cfg.grid)
-        r.stream = task.batches(r.place, tc.batch_size, rank, world)
+        r.stream = task.batches(r.place, tc.batch_size, rank, world, tc.num_workers)
     r.train_model, r.train_head = distributed.wrap(model, head, device, tc.fsdp)
     if tc.compile:  # after DDP, as PyTorch advises: the compiled graphs are split at DDP's buckets, so that
         r.train_model = torch.compile(r.train_model)  # the all-reduces still overlap the backward
     if r.master:
-        n = model.num_params()
-        processes = f" x {world} processes ({'FSDP' if tc.fsdp else 'DDP'})" if world > 1 else ""
+        n, processes = model.num_params(), f" x {world} processes ({'FSDP' if tc.fsdp else 'DDP'})" * (world > 1)
         trains = "everything" if r.train_decoder else "STAB + projector (decoder frozen)"
         print(f"model: {n['stab']:,} STAB + {n['projector']:,} projector + {n['decoder']:,} decoder parameters on "
               f"{device}{processes}; training {trains}{f' ({tc.stage})' if tc.data else ''}; distillation "
@@ -343,7 +338,7 @@ def loop(r, stop):
     tc, optimizer = r.tc, r.optimizer
     r.model.train()
     bar = tqdm(total=tc.max_steps, initial=r.step, dynamic_ncols=True, disable=not r.master)
-    r.t0, r.waited, tokens_seen = time.time(), 0.0, 0
+    r.t0, r.waited, tokens_seen, first = time.time(), 0.0, 0, r.step
     while r.step < tc.max_steps and not distributed.all_sum([float(stop.asked)], r.device)[0]:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_at(r.step, tc)
@@ -358,6 +353,8 @@ def loop(r, stop):
         r.step, r.place, r.loss = r.step + 1, micro[-1][1], loss
         tokens_seen += tokens
         bar.update(1)
+        if r.step - first == 10 and r.master:  # the first steps, timed: what the rest takes on this machine
+            bar.write(f"about {(time.time() - r.t0) / 10 * (tc.max_steps - r.step) / 60:.1f} more minutes of training")
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         tok_s=f"{tokens_seen / (time.time() - r.t0):.0f}",
                         **({"distill": f"{distilled:.4f}"} if r.head else {}))
@@ -377,7 +374,7 @@ def restore(r, ckpt):
     if r.tc.fsdp:
         distributed.load_sharded(distributed.checkpoint_folder(r.out / "ckpt_dcp"), r.model, r.head, r.optimizer)
     else:
-        r.optimizer.load_state_dict(ckpt["optimizer"])
+        common.load_optimizer(r.optimizer, ckpt["optimizer"], r.out / "ckpt.pt")
     places = ckpt["data_place"]
     r.step, r.skipped = ckpt["step"], ckpt["skipped"] if r.master else []  # all processes' skips, counted once
     if len(places) == r.world:  # each process saved its own random state and its place in its share of the data
@@ -395,8 +392,7 @@ def save(r):
     """Write the run as it stands after r.step steps: ckpt.pt, or under --fsdp the sharded folder
     ckpt_dcp/. Every process takes part (its random state, its place in the data, its shards). Weights
     holding inf or NaN are never written: the last checkpoint stays."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for g in r.optimizer.param_groups for p in g["params"]]
-    if distributed.all_sum([float(not all(torch.isfinite(p).all() for p in local))], r.device)[0]:
+    if not distributed.all_finite([p for g in r.optimizer.param_groups for p in g["params"]], r.device):
         raise NonFiniteStep(f"step {r.step}: the weights hold inf or NaN; the last checkpoint is kept")
     state = dict(step=r.step, data_place=distributed.gather(r.place), rng=distributed.gather(common.rng_state()),
                  skipped=[m for part in distributed.gather(r.skipped) for m in part], loss=r.loss,
@@ -410,10 +406,11 @@ def save(r):
             distill_head=None if r.head is None else r.head.state_dict()))
 
 
-def finish(r):
-    """The end of a run: what on_error=skip left out (real data) or the final accuracies (synthetic,
-    also in out_dir/results.json), --export, and one line on time, data waits and memory."""
+def finish(r, stop):
+    """The end of a run: what on_error=skip left out (real data) or the final accuracies (synthetic, also in
+    out_dir/results.json), --export (Ctrl-C stops before each), one line on time, data waits and memory."""
     tc = r.tc
+    stop_if_asked(r, stop)
     if r.dataset is not None:
         skipped = [message for part in distributed.gather(r.skipped) for message in part]
         if r.master:
@@ -423,12 +420,16 @@ def finish(r):
         final, results = distributed.whole_model(r.model, tc.fsdp), {}
         for name, split, shuffle in (("heldout", "heldout", False), ("test", "test", False),
                                      ("heldout_shuffled", "heldout", True)):
+            stop_if_asked(r, stop)
             results[name] = evaluate(final, r.tokenizer, tc.eval_samples, r.device, split, shuffle, tc.max_new_tokens)
             if r.master:
                 print(f"{name}: {report(results[name])}")
         if r.master:
             common.write_atomically(r.out / "results.json", lambda f: f.write(json.dumps(results, indent=1).encode()))
+            print("held-out: (shape, colour) pairs training never showed; test: fresh clips of training's pairs; "
+                  "shuffled: held-out with frames out of order, where spatial holds and temporal falls to ~50%")
     if tc.export:
+        stop_if_asked(r, stop)
         import weights  # safetensors: only an export needs it
         whole = distributed.whole_model(r.model, tc.fsdp, rank0_only=True)  # under FSDP, gathered on rank 0
         if r.master:

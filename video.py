@@ -14,6 +14,7 @@ import bisect
 import hashlib
 import json
 import math
+import tempfile
 import warnings
 import zipfile
 from collections import Counter
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import common
-from data import CLIP_MEAN, CLIP_STD, ChatTemplate, collate, tokenize_conversation
+from data import CLIP_MEAN, CLIP_STD, ChatTemplate, collate, tokenize_conversation, unknown_words
 from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
@@ -38,6 +39,10 @@ TEACHER_PATCH = 14  # the release's teacher is a ViT with 14 px patches
 # Codecs whose frames paint over the previous picture although every packet is marked a keyframe:
 # decoding from the middle gives wrong pixels, so these are always read front to back.
 DRAWS_OVER_PREVIOUS = {"gif", "apng", "webp"}
+# The largest picture a file may declare, read from its header before a frame is decoded: 8K UHD
+# (7680x4320, 33 Mpx) with room to spare. The model sees at most 448 px; what a file claims beyond
+# this only costs memory: eight RGB frames of 67 Mpx are 1.6 GB, in every loader worker.
+MAX_PICTURE_PIXELS = 8192 * 8192
 FILL_NORMALIZED = (torch.tensor(LETTERBOX_FILL) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)  # (3,)
 
 
@@ -78,14 +83,28 @@ def open_video(path, threads=0):
             stream = container.streams.video[0]
             if stream.codec_context is None:
                 raise VideoError(f"{path}: the video stream has no codec description (a file cut inside its header?)")
+            check_picture_size(path, stream.codec_context)
             stream.codec_context.thread_type = "AUTO"
             stream.codec_context.thread_count = threads
             yield container, stream
     except VideoError:
         raise
+    except MemoryError:  # numpy's and PyAV's: this file's problem, which --on_error=skip can skip
+        raise VideoError(f"{path}: out of memory while decoding it") from None
     except Exception as err:  # a broken file can make PyAV raise almost anything: see the docstring
         raise VideoError(f"{path}: cannot be read as a video (corrupt, truncated or not a video): "
                          f"{type(err).__name__}: {err}") from err
+
+
+def check_picture_size(path, codec):
+    """A VideoError unless the stream's declared picture is within MAX_PICTURE_PIXELS. The decoder
+    allocates what the header declares (for a GIF, its logical screen: the canvas every frame is
+    painted on, however small the frames), so a 300-byte file can ask for gigabytes."""
+    pixels = codec.width * codec.height
+    if pixels > MAX_PICTURE_PIXELS:
+        raise VideoError(f"{path}: its header declares a {codec.width}x{codec.height} picture "
+                         f"({pixels / 1e6:.0f} Mpx), more than the {MAX_PICTURE_PIXELS / 1e6:.0f} Mpx "
+                         f"read here (8K UHD is 33 Mpx); decoding it would take gigabytes")
 
 
 @dataclass
@@ -352,7 +371,10 @@ def stack_frames(path, found, indices):
     if len(sizes) > 1:
         found = ", ".join(f"{width}x{height}" for height, width in sizes)
         raise VideoError(f"{path}: the picture size changes within the video ({found}); re-encode it at one size")
-    return np.stack([found[n] for n in indices])  # (T, H, W, 3) uint8
+    try:
+        return np.stack([found[n] for n in indices])  # (T, H, W, 3) uint8
+    except MemoryError:
+        raise VideoError(f"{path}: out of memory while decoding it") from None
 
 
 # --- geometry: letterbox with mask, or square crop -----------------------------------
@@ -504,12 +526,31 @@ class FrameCache:
     so an edited video or a run with other settings never reads a stale entry. It is written atomically
     (a temporary file renamed into place): a crash, or two workers writing one entry, leave a whole
     entry. A read_video warning is given when the entry is written, not again at each read. The flip
-    happens after the cache, so both orientations train from one entry."""
+    happens after the cache, so both orientations train from one entry.
+
+    The folder is trusted like the videos themselves: whoever can write in it can plant pixels of the
+    right shape, and those are what the model sees. So an entry is checked when read, not
+    authenticated: exactly the arrays these settings write, pixels of the shape and dtype they imply,
+    a box of 4 ints inside the canvas. One that fails is named, decoded again and rewritten. A folder
+    that cannot be written is a ValueError here, in the process that builds the dataset; an entry
+    that cannot be written later (a full disk) is named once, and this process then decodes without
+    caching."""
 
     VERSION = 1  # of the entry layout; a new layout gets new keys
 
     def __init__(self, folder, settings):
         self.folder, self.settings = Path(folder), dict(settings)
+        # what VideoTextDataset.load_videos stores: {name: (canvas side, whether a box goes with it)}
+        self.layout = {"video": (settings["image_size"], settings["letterbox"])}
+        if settings["teacher_size"]:
+            self.layout["teacher_video"] = (settings["teacher_size"], True)
+        self.writing = True  # until an entry cannot be written
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.folder).close()  # a file that vanishes when closed
+        except OSError as err:
+            raise ValueError(f"--frame_cache={self.folder}: cannot write there ({err}); name a writable "
+                             f"folder, or leave --frame_cache out") from None
 
     def entry(self, path):
         """(the entry's file, its key: the text that names everything the pixels depend on)."""
@@ -526,25 +567,61 @@ class FrameCache:
         if not file.is_file():
             return None
         try:
-            with np.load(file, allow_pickle=False) as saved:
+            with np.load(file, allow_pickle=False) as saved:  # TypeError: an .npy array, not an archive
                 if str(saved["key"]) != key:  # another video with the same digest: never in practice
                     return None
-                return {name: (saved[name], tuple(saved[f"{name}_box"].tolist()) if f"{name}_box" in saved else None)
-                        for name in str(saved["names"]).split()}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # damaged: decode and write anew
+                return self.checked(saved)
+        except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as err:
             warnings.warn(f"{file}: unreadable frame cache entry for {path} ({err}); it is written again")
             return None
 
+    def checked(self, saved):
+        """{name: (pixels, box or None)} of an open entry that holds exactly what these settings write,
+        else a ValueError saying what differs."""
+        boxes = [f"{name}_box" for name, (_, boxed) in self.layout.items() if boxed]
+        expected = sorted(["key", "names", *self.layout, *boxes])
+        if sorted(saved.files) != expected or sorted(str(saved["names"]).split()) != sorted(self.layout):
+            raise ValueError(f"it holds the arrays {sorted(saved.files)}, expected {expected}")
+        prepared = {}
+        for name, (canvas, boxed) in self.layout.items():
+            box = checked_box(saved[f"{name}_box"], canvas) if boxed else None
+            shape = (self.settings["n_frames"], *(box[2:] if box else (canvas, canvas)), 3)
+            pixels = saved[name]
+            if pixels.dtype != np.uint8 or pixels.shape != shape:
+                raise ValueError(f"{name!r} holds {pixels.dtype} pixels of shape {pixels.shape}, "
+                                 f"expected uint8 {shape}")
+            prepared[name] = (pixels, box)
+        return prepared
+
     def save(self, path, prepared):
-        """Store {name: (pixels uint8, box or None)} for this video."""
+        """Store {name: (pixels uint8, box or None)} for this video. An entry that cannot be written is
+        named once; the frames just decoded are used all the same, so no video is lost to the cache."""
+        if not self.writing:
+            return
         file, key = self.entry(path)
-        file.parent.mkdir(parents=True, exist_ok=True)
         arrays = {"key": np.array(key), "names": np.array(" ".join(prepared))}
         for name, (pixels, box) in prepared.items():
             arrays[name] = pixels
             if box is not None:
                 arrays[f"{name}_box"] = np.array(box)
-        common.write_atomically(file, lambda f: np.savez(f, **arrays))
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            common.write_atomically(file, lambda f: np.savez(f, **arrays))
+        except OSError as err:  # a full disk, a quota: the cache is an optimisation, the run goes on
+            self.writing = False
+            warnings.warn(f"{file}: cannot write this frame cache entry ({err}); this process writes no "
+                          f"more entries to --frame_cache={self.folder} and decodes videos instead")
+
+
+def checked_box(array, canvas):
+    """A saved letterbox box as (top, left, height, width): 4 integers, at least one pixel, inside a
+    canvas x canvas picture; else a ValueError."""
+    if array.shape != (4,) or array.dtype.kind not in "iu":
+        raise ValueError(f"a box must be 4 integers, found {array.dtype} of shape {array.shape}")
+    top, left, height, width = array.tolist()
+    if min(top, left) < 0 or min(height, width) < 1 or top + height > canvas or left + width > canvas:
+        raise ValueError(f"the box {(top, left, height, width)} does not lie inside the {canvas}-px canvas")
+    return top, left, height, width
 
 
 # --- the release's chat templates ------------------------------------------------------------
@@ -561,11 +638,18 @@ TEMPLATES = {"vicuna_v1": VICUNA_V1, "videopanda_v1": VIDEOPANDA_V1}
 # --- annotation files -------------------------------------------------------------------
 
 def load_json_list(path):
+    """The entries of a JSON list file (instructions, questions or answers). Whatever makes the file
+    unreadable is an AnnotationError naming it: bytes that are not UTF-8 (with their offset), JSON
+    syntax (with its line and column), nesting too deep for the parser, a number too long to convert."""
     path = Path(path)
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise AnnotationError(f"{path}: cannot read the annotation file: {err}") from err
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"{path}: not UTF-8 text: the byte at offset {err.start} "
+                              f"({err.object[err.start]:#04x}) is not valid UTF-8 ({err.reason}); "
+                              f"save the file as UTF-8") from None
+    except (OSError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+        raise AnnotationError(f"{path}: cannot read the annotation file: {err}") from None
     if not isinstance(entries, list):
         raise AnnotationError(f"{path}: expected a JSON list of entries, found {type(entries).__name__}")
     return entries
@@ -632,8 +716,15 @@ def parse_qa_question(entry, where, answers):
 
 def resolve_video(folder, name, sample_id=None):
     """The file of a video name in folder: the name as given, else its stem with each usual
-    extension, also with ActivityNet's "v_" prefix. A name that matches nothing is a VideoError."""
+    extension, also with ActivityNet's "v_" prefix. A name that matches nothing is a VideoError.
+
+    Names stay inside the folder: an absolute name or one with a ".." part is a VideoError, since an
+    annotation file someone hands you could otherwise read any file the run can. Symlinks inside the
+    folder are followed: whoever put them there chose what they point to (docs/video.md)."""
     folder = Path(folder)
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise VideoError(f"sample {sample_id!r}: video {name!r} leaves the video folder {folder}: "
+                         f"names must be relative to it, without '..'")
     stem = name[:-len(Path(name).suffix)] if Path(name).suffix.lower() in VIDEO_EXTENSIONS else name
     candidates = [folder / name] + [folder / f"{prefix}{stem}{ext}"
                                     for prefix in ("", "v_") for ext in VIDEO_EXTENSIONS]
@@ -758,12 +849,16 @@ class VideoQADataset(VideoTextDataset):
 
     By default input_ids is the generation prompt, ending in "ASSISTANT:", with no targets. With
     include_answer=True the answer and eos follow as targets (teacher-forced scoring);
-    input_ids[:prompt_len] is the prompt either way."""
+    input_ids[:prompt_len] is the prompt either way.
+
+    A question that cannot be answered as asked is that item's own error (check_question), which
+    the caller raises or skips under --on_error: words the tokenizer reads as <unk>, or a prompt
+    that leaves no room for max_new_tokens generated tokens in the model's context."""
 
     def __init__(self, question_path, answer_path, video_folder, tokenizer, cfg, template=VIDEOPANDA_V1,
-                 include_answer=False, **options):
+                 include_answer=False, max_new_tokens=0, **options):
         super().__init__(video_folder, tokenizer, template, cfg, **options)
-        self.include_answer = include_answer
+        self.include_answer, self.max_new_tokens = include_answer, max_new_tokens
         answer_pairs = self.parse_all(load_json_list(answer_path), parse_qa_answer, answer_path)
         require_unique([qid for qid, _ in answer_pairs], answer_path)
         answers = dict(answer_pairs)
@@ -774,10 +869,27 @@ class VideoQADataset(VideoTextDataset):
     def make_item(self, sample):
         answer = sample["answer"] if self.include_answer else None
         ids, labels = self.tokenize(sample, [(sample["question"], answer)])
+        self.check_question(sample, ids)  # before the video is decoded
         prompt_len = next((k for k, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
         return {"id": sample["id"], **self.load_videos(sample), "input_ids": ids, "labels": labels,
                 "question": sample["question"], "answer": sample["answer"], "video_name": sample["video"],
                 "prompt_len": prompt_len}
+
+    def check_question(self, sample, ids):
+        """An AnnotationError naming the sample if the tokenizer reads words of its question as <unk>
+        (the model would answer another question), or if its text, its video's visual tokens and
+        max_new_tokens exceed cfg.max_seq_len. The visual tokens are counted for full frames,
+        cfg.n_frames * cfg.tokens_per_frame, as the STAB gives them: a letterboxed video gives fewer
+        (fewer rows, shorter ones), so the bound is safe, if a little strict for such videos."""
+        unknown = unknown_words(self.tokenizer, sample["question"])
+        if unknown:
+            raise AnnotationError(f"sample {sample['id']!r}: the model's tokenizer does not know the "
+                                  f"word(s) {unknown} of the question (it would read them as <unk>)")
+        n_text, n_visual = len(ids) - 1, self.cfg.n_frames * self.cfg.tokens_per_frame  # less the placeholder
+        if n_text + n_visual + self.max_new_tokens > self.cfg.max_seq_len:
+            raise AnnotationError(f"sample {sample['id']!r}: {n_text} text tokens + {n_visual} visual tokens "
+                                  f"+ --max_new_tokens={self.max_new_tokens} exceed the model's context, "
+                                  f"max_seq_len={self.cfg.max_seq_len}: the question is too long")
 
 
 def collate_video_batch(items, pad_id=0):

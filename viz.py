@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import common
 import data
 from panda import QueryAttention
 
@@ -211,8 +212,13 @@ def write_attention(model, video, path, frame=0, seconds_per_frame=0.8):
         raise ValueError(f"frame {frame} does not exist: the video has frames 0 to {T - 1}")
     frames, heat = frames_rgb(video), attention_maps(model, video)
     if path.suffix.lower() == ".png":
-        iio.imwrite(path, picture(frames, heat, frame, model.cfg))
+        encoded = iio.imwrite("<bytes>", picture(frames, heat, frame, model.cfg), extension=".png")
     else:
         pictures = np.stack([picture(frames, heat, t, model.cfg) for t in range(T)])
-        iio.imwrite(path, pictures, plugin="pillow", extension=".gif", duration=int(seconds_per_frame * 1000), loop=0)
+        encoded = iio.imwrite("<bytes>", pictures, plugin="pillow", extension=".gif",
+                              duration=int(seconds_per_frame * 1000), loop=0)
+    try:
+        common.write_atomically(path, lambda f: f.write(encoded))
+    except OSError as err:  # a full disk: one line naming the picture, and no half of one left
+        raise OSError(f"{path} could not be written: {err.strerror or err}") from None
     return path

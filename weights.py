@@ -17,19 +17,24 @@ the PandaConfig fields that config.json does not: the video geometry, the STAB's
 Every load is strict: a key the checkpoint should not have, a key it lacks, or a tensor of the wrong shape is a
 CheckpointError naming the key. The only keys skipped are derived buffers and, in the release, the documented
 duplicates and training-only weights (OFFICIAL_DROPPED, OFFICIAL_ALIASES).
+
+A checkpoint may come from anyone, so every file is read as untrusted: a config value of the wrong type or out of
+range, an index naming a shard outside the directory, a weight file that is cut short, holds NaN or inf, or is a
+pickle that would run code, is a CheckpointError naming the file and the field or key (docs/checkpoints.md).
 """
 
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, fields, replace
 from itertools import chain
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 import common
@@ -55,11 +60,52 @@ HF_FIELDS = {"hidden_size": "d_model", "num_hidden_layers": "n_layers", "num_att
              "max_position_embeddings": "max_seq_len"}
 
 
+# What a value in a JSON config file may hold. JSON has one kind of number, so an integer field needs a number
+# without a fraction (and not true or false), any other a finite one: Python's json reads NaN, Infinity and 1e999
+# (as inf), and integers of any length. Ranges beyond these are PandaConfig's rules.
+LARGEST = sys.float_info.max
+KINDS = {"size": ("a positive 64-bit integer", lambda v: type(v) is int and 0 < v < 2 ** 63),
+         "integer": ("a 64-bit integer", lambda v: type(v) is int and abs(v) < 2 ** 63),
+         "positive": ("a positive finite number", lambda v: type(v) in (int, float) and 0 < v <= LARGEST),
+         "number": ("a finite number", lambda v: type(v) in (int, float) and abs(v) <= LARGEST),
+         "bool": ("true or false", lambda v: type(v) is bool),
+         "str": ("a string", lambda v: type(v) is str)}
+
+
+def json_value(values, key, kind, where, default=None):
+    """values[key], checked to be of KINDS[kind] (a float for the two kinds of number); default where it is absent
+    or null. where names the file in the error, e.g. "dir/config.json:"."""
+    value = values.get(key)
+    if value is None:
+        return default
+    text, ok = KINDS[kind]
+    if not ok(value):
+        raise CheckpointError(f"{where} {key} must be {text}, got {value!r:.80}")
+    return float(value) if kind in ("positive", "number") else value
+
+
+def read_json(file):
+    """The JSON object in file; anything else (not JSON, NaN or Infinity, nested too deep, not an object) is a
+    CheckpointError naming the file."""
+    try:
+        value = json.loads(file.read_text(), parse_constant=refuse_constant)
+    except (ValueError, RecursionError) as err:  # a file that is not UTF-8 is a ValueError too
+        raise CheckpointError(f"{file}: not valid JSON: {err}") from None
+    if type(value) is not dict:
+        raise CheckpointError(f"{file}: not a JSON object {{...}} but {value!r:.40}")
+    return value
+
+
+def refuse_constant(name):
+    """json.loads's parse_constant, called for NaN, Infinity and -Infinity: Python's, not JSON's."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_config(path):
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"no config.json in {path}: from_pretrained needs a local Hugging Face-style directory")
-    hf = json.loads(file.read_text())
+    hf = read_json(file)
     if hf.get("model_type") not in SUPPORTED_TYPES:
         raise ValueError(f"{file}: model_type {hf.get('model_type')!r} is not supported; supported model types: "
                          f"{', '.join(SUPPORTED_TYPES)}")
@@ -67,8 +113,9 @@ def read_config(path):
 
 
 def decoder_fields(hf, file="config.json"):
-    """The decoder's PandaConfig fields from a Llama/Mistral/Qwen2 config.json (either rope layout)."""
-    missing = [k for k in HF_FIELDS if k not in hf]
+    """The decoder's PandaConfig fields from a Llama/Mistral/Qwen2 config.json (either rope layout), each of the
+    kind it must be (KINDS): a CheckpointError names the file and the field."""
+    missing = [k for k in HF_FIELDS if hf.get(k) is None]
     if missing:
         raise ValueError(f"{file} lacks the fields {missing}")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias", False):
@@ -76,15 +123,18 @@ def decoder_fields(hf, file="config.json"):
                          f"{hf.get('hidden_act')!r}, mlp_bias={hf.get('mlp_bias')}")
     if hf.get("attention_bias", False):  # Qwen2's q/k/v biases are implied by its model_type, not this field
         raise ValueError(f"{file}: attention_bias=true puts a bias on o_proj as well, which panda's decoder lacks")
-    out = {ours: hf[theirs] for theirs, ours in HF_FIELDS.items()}
-    heads = hf["num_attention_heads"]
-    out["n_kv_heads"] = hf.get("num_key_value_heads") or heads
-    head_dim = hf.get("head_dim") or 0
-    out["head_dim"] = 0 if head_dim == hf["hidden_size"] // heads else head_dim  # 0 = "the usual", as PandaConfig says
-    out["tie_embeddings"] = hf.get("tie_word_embeddings", False)
+    where = f"{file}:"
+    out = {ours: json_value(hf, theirs, "positive" if ours == "rms_eps" else "size", where)
+           for theirs, ours in HF_FIELDS.items()}
+    heads = out["n_heads"]
+    out["n_kv_heads"] = json_value(hf, "num_key_value_heads", "size", where, heads)
+    head_dim = json_value(hf, "head_dim", "integer", where, 0)
+    out["head_dim"] = 0 if head_dim == out["d_model"] // heads else head_dim  # 0 = "the usual", as PandaConfig says
+    out["tie_embeddings"] = json_value(hf, "tie_word_embeddings", "bool", where, False)
     out["qkv_bias"] = hf["model_type"] == "qwen2"  # Qwen2 always has q/k/v biases, and none on o_proj
     # Mistral's sliding_window is on whenever set; Qwen2's only with use_sliding_window.
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", hf["model_type"] == "mistral") else None
+    sliding = json_value(hf, "use_sliding_window", "bool", where, hf["model_type"] == "mistral")
+    window = json_value(hf, "sliding_window", "size", where) if sliding else None
     if window and window < out["max_seq_len"]:
         # Mistral v0.1 attends to the last 4096 tokens only; panda attends to all, so the two agree up to there.
         out["max_seq_len"] = window
@@ -94,16 +144,25 @@ def decoder_fields(hf, file="config.json"):
 def rope_fields(hf, file):
     """transformers v5 writes {"rope_parameters": {"rope_type", "rope_theta", ...}}; older files write a
     top-level rope_theta and "rope_scaling": null or {"type" (or "rope_type"): ..., "factor": ...}."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    name = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope, where = hf.get(name) or {}, f"{file}: {name}'s"
+    if type(rope) is not dict:
+        raise CheckpointError(f"{file}: {name} must be an object {{...}} or null, got {rope!r:.80}")
     kind = rope.get("rope_type", rope.get("type", "default"))
-    out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    theta = json_value(rope, "rope_theta", "positive", where)
+    out = {"rope_theta": theta or json_value(hf, "rope_theta", "positive", f"{file}:", 10000.0)}
     if kind == "default":
         return out
     if kind != "llama3":
         raise ValueError(f"{file}: rope type {kind!r} is not supported; panda's decoder does 'default' and 'llama3'")
-    return out | {"rope_factor": float(rope["factor"]), "rope_low_freq_factor": float(rope["low_freq_factor"]),
-                  "rope_high_freq_factor": float(rope["high_freq_factor"]),
-                  "rope_original_max_len": rope.get("original_max_position_embeddings", hf["max_position_embeddings"])}
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if rope.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{file}: {name} of rope type 'llama3' lacks {missing}")
+    return out | {"rope_factor": json_value(rope, "factor", "positive", where),
+                  "rope_low_freq_factor": json_value(rope, "low_freq_factor", "positive", where),
+                  "rope_high_freq_factor": json_value(rope, "high_freq_factor", "positive", where),
+                  "rope_original_max_len": json_value(rope, "original_max_position_embeddings", "size", where,
+                                                      hf["max_position_embeddings"])}
 
 
 def config_from_hf(hf, preset="paper", **overrides):
@@ -117,14 +176,27 @@ def read_saved_fields(path):
     file = path / PANDA_CONFIG
     if not file.is_file():
         return None
-    try:
-        saved = json.loads(file.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{file}: not valid JSON: {err}") from None
-    unknown = set(saved) - {f.name for f in fields(PandaConfig)}
+    saved = read_json(file)
+    types = {f.name: type(f.default) for f in fields(PandaConfig)}
+    unknown = set(saved) - set(types)
     if unknown:
         raise CheckpointError(f"{file}: fields this PandaConfig does not know: {sorted(unknown)}")
-    return saved
+    kinds = {int: "integer", float: "number", bool: "bool", str: "str"}  # the field's type; its range is PandaConfig's
+    checked = {name: json_value(saved, name, kinds[types[name]], f"{file}:") for name in saved}
+    return {name: value for name, value in checked.items() if value is not None}  # null: the default
+
+
+def file_config(path, hf, saved, preset):
+    """The PandaConfig that the directory's files describe: config.json's decoder, with panda_config.json's other
+    fields where there is one, else the preset's. A configuration that no model can have is the files' doing, and
+    a CheckpointError names them."""
+    base = PandaConfig.preset(preset) if saved is None else PandaConfig()  # an unknown preset: the caller's
+    decoder = decoder_fields(hf, path / "config.json")
+    try:
+        return replace(base, **((saved or {}) | decoder))
+    except ValueError as err:
+        files = path / "config.json" if saved is None else f"{path / PANDA_CONFIG} with config.json"
+        raise CheckpointError(f"{files}: {err}") from None
 
 
 # ============================================================================================
@@ -212,7 +284,7 @@ def weight_files(path):
             continue
         if not name.endswith(".index.json"):
             return [file]
-        shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+        shards = shard_names(file)
         absent = [s for s in shards if not (path / s).is_file()]
         if absent:
             raise FileNotFoundError(f"{file} names shards that are not in {path}: {absent}")
@@ -220,17 +292,74 @@ def weight_files(path):
     raise FileNotFoundError(f"no weights in {path}: looked for {', '.join(WEIGHT_FILES)}")
 
 
+def shard_names(index):
+    """The shards an index's weight_map names. Each must be a plain file name: a shard is a file of the index's own
+    directory (or a link there, as in Hugging Face's cache), never a path that leads elsewhere."""
+    weight_map = read_json(index).get("weight_map")
+    if type(weight_map) is not dict or not all(type(name) is str for name in weight_map.values()):
+        raise CheckpointError(f'{index}: not a checkpoint index: it needs a "weight_map" of key -> shard file name')
+    shards = sorted(set(weight_map.values()))
+    for name in shards:
+        if Path(name).name != name or name in ("", ".."):
+            raise CheckpointError(f"{index}: shard {name!r} is not a file name; shards are files beside the index")
+    return shards
+
+
+# The dtypes whose NaN and inf a load refuses: those a model is kept in (torch has no isfinite for float8)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def read_tensors(files):
-    """Yield (file, key, tensor), one shard at a time, so that at most one shard is held besides the model."""
+    """Yield (file, key, tensor), one shard at a time, so that at most one shard is held besides the model. A file
+    that cannot be read (cut short, not weights, a pickle that would run code), a value that is not a tensor and a
+    tensor holding NaN or inf are a CheckpointError naming the file, and the key where there is one."""
     for file in files:
-        if file.suffix == ".safetensors":
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    yield file.name, key, f.get_tensor(key)
-        else:  # mmap: the shard stays on disk and pages in as each tensor is copied
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            for key in list(state):
-                yield file.name, key, state.pop(key)
+        for key, tensor in safetensors_items(file) if file.suffix == ".safetensors" else bin_items(file):
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{file}: {key!r} holds a {type(tensor).__name__}, not a tensor")
+            if tensor.dtype in FLOAT_DTYPES and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"{file}: {key!r} holds NaN or infinite values")
+            yield file.name, key, tensor
+
+
+def safetensors_items(file):
+    """(key, tensor) of a safetensors file, each read when it is asked for."""
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except SafetensorError as err:  # safetensors checks the header against the file's length as it opens it
+        raise CheckpointError(f"{file}: not a readable safetensors file: {err}") from None
+
+
+def bin_items(file):
+    """(key, tensor) of a pytorch_model.bin, a pickle. torch's weights_only unpickler builds tensors and plain data
+    and refuses anything else before calling it: a file that would run code is refused without running it. torch's
+    zip format is mapped (mmap: the shard stays on disk and pages in as each tensor is copied); the legacy format
+    of torch < 1.6, which cannot be mapped, is read whole."""
+    with open(file, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"  # how torch.load itself tells the two apart
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as err:  # torch.load raises many kinds; all of them mean "not weights we can read"
+        raise CheckpointError(f"{file}: {bin_problem(err, zipped)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: holds a {type(state).__name__}, not a dict of named tensors")
+    for key in list(state):
+        yield key, state.pop(key)
+
+
+def bin_problem(err, zipped):
+    """What torch.load's error says about a .bin, in one line."""
+    text = str(err)
+    if "GLOBAL" in text:  # the weights_only unpickler names the function or class the file would call
+        return "refused: it holds objects other than tensors and plain data, which could run code when loaded"
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # torch's reason, after paragraphs of advice
+    reason = (found[1] if found else text.strip() or type(err).__name__).splitlines()[0]
+    if zipped:
+        return f"not a readable PyTorch weights file: {reason}"
+    return (f"not readable as PyTorch weights ({reason}); if it is a .bin in torch's legacy format, re-save it on a "
+            f"machine where you trust it: torch.save(torch.load(file, weights_only=False), file)")
 
 
 def model_tensors(model):
@@ -350,15 +479,15 @@ def from_pretrained(path, dtype=None, device="cpu", preset="paper", tokenizer_pa
     hf = read_config(path)
     kind = hf["model_type"]
     saved = read_saved_fields(path)
-    if saved is None:
-        if (path / VIDEO_WEIGHTS).is_file():
-            raise FileNotFoundError(f"{path} has {VIDEO_WEIGHTS} but no {PANDA_CONFIG}, which says how to build "
-                                    f"the model it belongs to: copy both from the export")
-        cfg = config_from_hf(hf, preset, **config_overrides)
-    else:
-        cfg = PandaConfig(**(saved | decoder_fields(hf, path / "config.json") | config_overrides))
+    if saved is None and (path / VIDEO_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} has {VIDEO_WEIGHTS} but no {PANDA_CONFIG}, which says how to build "
+                                f"the model it belongs to: copy both from the export")
+    cfg = replace(file_config(path, hf, saved, preset), **config_overrides)  # a bad override names its --option
     dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
-    model = empty_model(cfg, dtype, device, fresh_visual=kind in LLM_TYPES and saved is None)
+    try:
+        model = empty_model(cfg, dtype, device, fresh_visual=kind in LLM_TYPES and saved is None)
+    except common.ModelTooLarge as err:  # sizes that the files ask for, as a rule
+        raise CheckpointError(f"{path}: {err}") from None
     stream = read_tensors(weight_files(path))
     if kind == "videopanda":
         table, aliases = official_key_map(model), []

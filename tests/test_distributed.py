@@ -151,7 +151,8 @@ def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes(one_process,
     assert not (tmp_path / "ckpt.pt").exists() and (tmp_path / "ckpt_dcp" / ".metadata").is_file()
     # A save cut between its two renames leaves only ckpt_dcp.old, which is complete: the run goes on from it.
     (tmp_path / "ckpt_dcp").rename(tmp_path / "ckpt_dcp.old")
-    log = torchrun("--init_from=resume", "--max_steps=3", f"--export={tmp_path / 'export'}", f"--out_dir={tmp_path}")
+    log = torchrun("--init_from=resume", "--fsdp=true", "--max_steps=3", f"--export={tmp_path / 'export'}",
+                   f"--out_dir={tmp_path}")
     assert "on cpu x 2 processes (FSDP)" in log and "steps 2 -> 3" in log
     assert not (tmp_path / "ckpt_dcp.old").exists()
     # the folder, made into one file as its docstring says: ckpt.pt's "model" and "optimizer"

@@ -121,9 +121,9 @@ def test_sample_asks_in_the_words_the_model_was_trained_on():
 
 def write_qa_files(folder, videos):
     questions = [{"question_id": "q1", "video_name": "red", "question": "what color is the square?"},
-                 {"question_id": "q2", "video_name": "blue.mp4", "question": "which way does it move?"},
+                 {"question_id": "q2", "video_name": "blue.mp4", "question": "which way does the square move?"},
                  {"question_id": 3, "video_name": "red.mp4", "question": "how many objects are there?"},
-                 {"question_id": "q4", "video_name": "ghost", "question": "what moves?"}]  # no such video
+                 {"question_id": "q4", "video_name": "ghost", "question": "what color is the circle?"}]  # no such video
     answers = [{"question_id": "q1", "answer": "red"}, {"question_id": "q2", "answer": "right"},
                {"question_id": 3, "answer": "one"}, {"question_id": "q4", "answer": "nothing"}]
     (folder / "q.json").write_text(json.dumps(questions))
@@ -154,7 +154,8 @@ def test_eval_that_answers_nothing_fails_and_leaves_the_predictions_file_as_it_w
     args = write_qa_files(tmp_path, videos)
     with pytest.raises(SystemExit, match="error: .*not one of its 4 questions could be answered .*is left as it was"):
         common.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={pred_out}", "--on_error=skip",
-                                 "--num_workers=0", "--device=cpu", *args[:2], f"--video_folder={tmp_path}"])
+                                 "--overwrite=true", "--num_workers=0", "--device=cpu", *args[:2],
+                                 f"--video_folder={videos / 'none'}"])
     assert pred_out.read_text() == "[{\"a good\": \"earlier result\"}]"
 
 
@@ -337,7 +338,7 @@ def test_a_tokenizer_larger_than_the_embedding_is_an_error(tmp_path):
     export = tmp_path / "random"
     random_export.main([f"--out={export}", f"--videos={VIDEOS}", "--preset=nano", "--vocab_size=512", "--device=cpu"])
     word_tokenizer([f"word{i}" for i in range(600)]).save(str(export / "tokenizer.json"))
-    with pytest.raises(ValueError, match="tokenizer.json has 603 tokens but the model's embedding only 512"):
+    with pytest.raises(ValueError, match="its token ids go up to 602, but the model's embedding has 512 rows"):
         train.main([f"--init_from={export}", "--stage=pretrain", f"--data={export / 'instructions.json'}",
                     f"--video_folder={VIDEOS}", "--device=cpu", f"--out_dir={tmp_path / 'out'}"])
 

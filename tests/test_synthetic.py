@@ -350,6 +350,18 @@ def test_batches_resume_the_same_stream(tokenizer):
             assert torch.equal(part["input_ids"][i, :n], whole["input_ids"][row, :n])
 
 
+
+def test_batches_drawn_by_workers_are_the_batches_drawn_in_process(tokenizer):
+    """Two worker processes take turns drawing the steps, yet the stream is the in-process one: the same
+    batches, in the same order, with the same place after each (what a checkpoint resumes from)."""
+    qa = data.SyntheticQA(tokenizer, n_frames=4, size=32, questions_per_clip=2, grid=2)
+    here, workers = qa.batches(6, 3, rank=1, world=2), qa.batches(6, 3, rank=1, world=2, workers=2)
+    for step in range(5):
+        (a, place_a), (b, place_b) = next(here), next(workers)
+        assert place_a == place_b == 6 + 6 * (step + 1)
+        assert [s.question for s in a["samples"]] == [s.question for s in b["samples"]]
+        assert all(torch.equal(a[k], b[k]) for k in ("videos", "input_ids", "labels", "lengths"))
+
 # --- scoring and the order ablation ---------------------------------------------------------
 
 def test_accuracy_ignores_case_spacing_and_punctuation():

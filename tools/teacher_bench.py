@@ -48,6 +48,12 @@ class BenchConfig:
     device: str = "auto"
     json: str = ""         # also write the results here
 
+    def __post_init__(self):  # checked as parsed: one line naming the option
+        common.require_ranges(self, positive=("batch", "answer", "steps"), non_negative=("warmup",),
+                              choices={"vit": VITS})
+        if self.prompt < 4:  # make_batch puts the <video> placeholder at position 3
+            raise ValueError(f"--prompt must be 4 or more, got {self.prompt}")
+
 
 def make_batch(bc, cfg, teacher_image, device):
     """Random frames shaped as the datasets make them: student (B, T, 4, S, S) and teacher (B, T, 4,
@@ -152,8 +158,6 @@ def run(bc, device):
 
 def main(argv):
     bc = BenchConfig(**common.parse_args(argv, __doc__, BenchConfig)[0])
-    if bc.vit not in VITS:
-        raise ValueError(f"--vit must be one of {', '.join(VITS)}, got {bc.vit!r}")
     device = common.pick_device(bc.device)
     results = run(bc, device)
     if bc.json:
