@@ -353,8 +353,8 @@ def loop(r, stop):
         r.step, r.place, r.loss = r.step + 1, micro[-1][1], loss
         tokens_seen += tokens
         bar.update(1)
-        if r.step - first == 10 and r.master:  # the first steps, timed: what the rest takes on this machine
-            bar.write(f"about {(time.time() - r.t0) / 10 * (tc.max_steps - r.step) / 60:.1f} more minutes of training")
+        if r.step - first == 20 and r.master:  # the steps' recent rate (tqdm's): what the rest takes here
+            bar.write(f"about {(tc.max_steps - r.step) / bar.format_dict['rate'] / 60:.1f} more minutes of training")
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         tok_s=f"{tokens_seen / (time.time() - r.t0):.0f}",
                         **({"distill": f"{distilled:.4f}"} if r.head else {}))

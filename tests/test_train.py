@@ -78,3 +78,15 @@ def test_the_model_fits_one_batch():
         loss.backward()
         optimizer.step()
     assert first > 2.5 and loss.item() < 0.1, (first, loss.item())
+
+
+def test_a_run_says_how_long_it_will_take_and_how_to_read_its_accuracies(tmp_path, capsys):
+    """After 20 steps one line estimates the rest from the steps' rate; at the end one line says what
+    the three accuracies (held-out, test, shuffled frames) measure."""
+    import train
+    train.main(["--preset=nano", "--device=cpu", "--batch_size=2", "--questions_per_clip=1", "--max_steps=25",
+                "--eval_samples=2", "--save_every=0", "--num_workers=0", f"--out_dir={tmp_path}"])
+    out = capsys.readouterr().out
+    minutes = [line for line in out.splitlines() if line.endswith("more minutes of training")]
+    assert len(minutes) == 1 and float(minutes[0].split()[1]) >= 0
+    assert "held-out: (shape, colour) pairs training never showed" in out and "shuffled:" in out
