@@ -18,7 +18,6 @@ import sample
 import train
 import weights
 
-VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 GOOD = [{"question_id": "q1", "video_name": "clip.mp4", "question": "what color is the circle?"},
         {"question_id": "q2", "video_name": "clip.mp4", "question": "how many objects are there?"},
         {"question_id": "q3", "video_name": "clip.mp4", "question": "where is the red square?"}]
@@ -84,11 +83,11 @@ def test_no_file_the_run_did_not_make_is_touched(case, run, tmp_path):
         assert snapshot(run, tmp_path) == before | written
         return
     if case == "--viz over the video":
-        shutil.copy(VIDEOS / "newtonscradle.gif", tmp_path / "clip.gif")
+        shutil.copy(run / "videos" / "clip.mp4", tmp_path / "clip.mp4")  # the user's video
         before = snapshot(run, tmp_path)
-        args = [f"--out_dir={run}", f"--video={tmp_path / 'clip.gif'}", f"--viz={tmp_path / 'clip.gif'}",
+        args = [f"--out_dir={run}", f"--video={tmp_path / 'clip.mp4'}", f"--viz={tmp_path / 'clip.mp4'}",
                 "--question=what color is the circle?", "--device=cpu"]
-        target, expected = tmp_path / "clip.gif", "is one of the input files"
+        target, expected = tmp_path / "clip.mp4", "is one of the input files"
     else:
         target, expected = {"tokenizer.json": (run / "tokenizer.json", "is one of the input files"),
                             "ckpt.pt": (run / "ckpt.pt", "is one of the input files"),
