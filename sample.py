@@ -61,10 +61,8 @@ class SampleConfig:
 
     def __post_init__(self):  # every option checked as it is parsed, before a model is loaded
         common.require_ranges(self, positive=("max_new_tokens", "batch_size"),
-                              non_negative=("temperature", "top_k", "num_workers", "viz_frame"))
-        for name, allowed in (("template", ("auto", *TEMPLATES)), ("on_error", ("raise", "skip"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} must be {' | '.join(allowed)}; got {getattr(self, name)!r}")
+                              non_negative=("temperature", "top_k", "num_workers", "viz_frame"),
+                              choices={"template": ("auto", *TEMPLATES), "on_error": ("raise", "skip")})
 
 
 def load(sc, device):

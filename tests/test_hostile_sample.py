@@ -110,8 +110,8 @@ def test_no_file_the_run_did_not_make_is_touched(case, run, tmp_path):
     ("--batch_size=0", "--batch_size must be positive"),
     ("--num_workers=-1", "--num_workers must be zero or more"),
     ("--viz_frame=-1", "--viz_frame must be zero or more"),
-    ("--on_error=ignore", "--on_error must be raise | skip"),
-    ("--template=chatml", "--template must be auto | synthetic"),
+    ("--on_error=ignore", "--on_error must be one of raise, skip"),
+    ("--template=chatml", "--template must be one of auto, synthetic"),
     ("--max_new_tokens=1000000000", "max_new_tokens=1000000000 exceeds the context"),
 ])
 def test_an_impossible_option_is_one_line_naming_it_and_takes_no_memory(option, expected, run,
