@@ -1,16 +1,20 @@
-"""The synthetic video-QA task, the default data: made on the fly, nothing downloaded (torch, numpy and
-tokenizers only). Clips of coloured shapes on black that move, stay, appear, disappear or change colour;
-spatial questions can be answered from any one frame, temporal ones need the frames in order. Split
-"heldout" asks about (shape, colour) pairs "train" never shows; "test" is fresh clips drawn like "train".
-Sample i of a split is the same on every machine, so a training run resumes by remembering an index.
+"""The synthetic video-QA task, the default data: made on the fly, nothing downloaded (torch,
+numpy and tokenizers only). Clips of coloured shapes on black that move, stay, appear, disappear or
+change colour; spatial questions can be answered from any one frame, temporal ones need the frames
+in order. Split "heldout" asks about (shape, colour) pairs "train" never shows; "test" is fresh
+clips drawn like "train". Sample i of a split is the same on every machine, so a training run
+resumes by remembering an index.
 
-A batch, from every data source (real videos too, video.py): videos (B, T, C, S, S) float32, C = 3, or 4
-with the letterbox mask as channel 3; input_ids (B, L) int64, right-padded, one VIDEO_PLACEHOLDER per row
-where the video goes; labels (B, L), IGNORE_INDEX but on answers; lengths (B,) real tokens per row. The
-prompt format (ChatTemplate, tokenize_conversation) is shared too: the release's templates are in video.py.
+A batch, from every data source (real videos too, real_video/video_files.py): videos
+(B, T, C, S, S) float32, C = 3, or 4 with the letterbox mask as channel 3; input_ids (B, L) int64,
+right-padded, one VIDEO_PLACEHOLDER per row where the video goes; labels (B, L), IGNORE_INDEX but
+on answers; lengths (B,) real tokens per row. The pixels are normalised alike (normalize_frames),
+and the prompt format (ChatTemplate, tokenize_conversation) is shared too: the release's templates
+are in real_video/video_files.py.
 """
 
 import itertools
+import json
 import re
 import signal
 from dataclasses import dataclass
@@ -21,20 +25,28 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the pixel statistics CLIP's encoder was trained with
+# the pixel statistics CLIP's encoder was trained with
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def normalize_frames(frames):
-    """uint8 RGB frames (T, H, W, 3), numpy or torch -> the STAB's float32 input (T, 3, H, W)."""
+def normalize_frames(frames, out=None):
+    """uint8 RGB frames (T, H, W, 3), numpy or torch -> the STAB's float32 input (T, 3, H, W):
+    (v / 255 - mean) / std per channel, with CLIP's statistics. Every pixel a model sees, synthetic
+    or real, is normalised here. out: a float32 (T, 3, H, W) tensor or view to write into and return
+    (the real-video letterbox passes its canvas's valid box), so that no temporary the size of the
+    clip is made."""
     frames = torch.as_tensor(frames)
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 frames of shape (T, H, W, 3), "
                          f"got {frames.dtype} frames of shape {tuple(frames.shape)}")
-    pixels = frames.float() / 255  # (T, H, W, 3) in [0, 1]
-    # normalise before the permute, on contiguous memory: much faster on CPU than after it
-    normalized = (pixels - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    return normalized.permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W)
+    if out is None:
+        T, height, width, _ = frames.shape
+        out = torch.empty(T, 3, height, width, device=frames.device)
+    channels = frames.permute(3, 0, 1, 2)  # (3, T, H, W), a view
+    for c in range(3):  # in place, in float32: each step rounds as (frames / 255 - mean) / std does
+        out[:, c].copy_(channels[c]).div_(255).sub_(CLIP_MEAN[c]).div_(CLIP_STD[c])
+    return out  # (T, 3, H, W)
 
 
 # --- the world: shapes, colours, motions ----------------------------------------------------
@@ -42,12 +54,14 @@ def normalize_frames(frames):
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255),
           "yellow": (255, 255, 0), "white": (255, 255, 255)}
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy); y grows down
+# (dx, dy) per direction; y grows down
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 CELL_NAMES = ("top left", "top", "top right",  # a 3x3 grid of cells, row by row
               "left", "center", "right",
               "bottom left", "bottom", "bottom right")
 QUADRANT_NAMES = ("top left", "top right", "bottom left", "bottom right")  # a 2x2 grid
-GRID_NAMES = {3: CELL_NAMES, 2: QUADRANT_NAMES}  # 'where' answers name the cells of the model's token grid
+# 'where' answers name the cells of the model's token grid
+GRID_NAMES = {3: CELL_NAMES, 2: QUADRANT_NAMES}
 COUNT_WORDS = ("zero", "one", "two", "three")  # indexed by the count
 EVENTS = ("appear", "disappear")
 
@@ -63,7 +77,8 @@ SPLIT_SEEDS = {"train": 0, "heldout": 1, "test": 2}  # test: unseen clips, no he
 # not vision. So there the novel object is a distractor the model must see past.
 NAMES_SUBJECT = ("color", "shape", "which_event", "color_change")
 
-QUESTIONS = {  # kind: (family, weight within its family, template); the subject is always objects[0]
+# kind: (family, weight within its family, template); the subject is always objects[0]
+QUESTIONS = {
     "color": ("spatial", 1, "what color is the {shape}?"),
     "shape": ("spatial", 1, "what shape is the {color} object?"),
     "count": ("spatial", 1, "how many objects are there?"),
@@ -76,7 +91,8 @@ QUESTIONS = {  # kind: (family, weight within its family, template); the subject
     "color_change": ("temporal", 2, "what color does the {shape} turn?"),
     "moves": ("temporal", 1, "does the {color} {shape} move?"),
 }
-SUBJECT_BEHAVIORS = {  # what the subject may do; spatial subjects sit still, so any one frame answers
+# what the subject may do; spatial subjects sit still, so any one frame answers
+SUBJECT_BEHAVIORS = {
     "color": ("still",), "shape": ("still",), "where": ("still",), "count": ("still", "move"),
     "direction": ("move",), "appear_or_disappear": EVENTS, "which_event": EVENTS,
     "color_change": ("change",), "moves": ("move", "still"),
@@ -134,7 +150,8 @@ def pick_look(rng, n_colors, novel, used_shapes, used_colors):
     """A shape and n_colors colours unused in the scene, so 'the circle' and 'the red object'
     always name one object. A novel look ends with a held-out colour for its shape."""
     def free_colors(shape, heldout):
-        return [c for c in COLORS if c not in used_colors and ((shape, c) in HELDOUT_PAIRS) == heldout]
+        return [c for c in COLORS
+                if c not in used_colors and ((shape, c) in HELDOUT_PAIRS) == heldout]
     n_seen = n_colors - 1 if novel else n_colors  # colours from train pairs
     shapes = [s for s in SHAPES if s not in used_shapes
               and len(free_colors(s, False)) >= n_seen and (not novel or free_colors(s, True))]
@@ -153,12 +170,15 @@ def plan_path(behavior, rng, n_frames, size, grid=3):
     if behavior != "move":  # resting objects sit near a cell centre, so 'where' is never borderline
         row, col = divmod(int(rng.integers(grid * grid)), grid)
         jitter = size // 48
-        x, y = (round((i + 0.5) * size / grid) + int(rng.integers(-jitter, jitter + 1)) for i in (col, row))
+        x, y = (round((i + 0.5) * size / grid) + int(rng.integers(-jitter, jitter + 1))
+                for i in (col, row))
         return np.tile([x, y], (n_frames, 1)), None
     direction = str(rng.choice(list(DIRECTIONS)))
-    speed = min(rng.uniform(3.0, 4.0) * size / 48, 0.85 * (high - low) / (n_frames - 1))  # px per frame
+    speed = min(rng.uniform(3.0, 4.0) * size / 48,  # pixels per frame
+                0.85 * (high - low) / (n_frames - 1))
     travel = np.round(np.arange(n_frames) * speed).astype(int)  # (T,)
-    along = int(rng.integers(low, high - travel[-1] + 1)) + travel  # increasing, whole path in frame
+    # increasing, with the whole path in the frame
+    along = int(rng.integers(low, high - travel[-1] + 1)) + travel
     if sum(DIRECTIONS[direction]) < 0:
         along = along[::-1]
     across = np.full(n_frames, int(rng.integers(low, high + 1)))
@@ -167,7 +187,8 @@ def plan_path(behavior, rng, n_frames, size, grid=3):
 
 
 def event_frame(rng, n_frames):
-    """The first frame after an event; 'before' and 'after' each last at least a quarter of the clip."""
+    """The first frame after an event; 'before' and 'after' each last at least a quarter of the
+    clip."""
     margin = max(1, n_frames // 4)
     return int(rng.integers(margin, n_frames - margin + 1))
 
@@ -249,8 +270,9 @@ def valid_kinds(subject, objects):
 
 
 def more_questions(sample, n, size, rng, grid=3):
-    """Up to n further (question, answer) pairs about the sample's scene, other than its own question:
-    more supervision per rendered clip, as real instruction data has several turns per video."""
+    """Up to n further (question, answer) pairs about the sample's scene, other than its own
+    question: more supervision per rendered clip, as real instruction data has several turns per
+    video."""
     pairs = {ask(kind, [o] + [p for p in sample.objects if p is not o], size, grid)
              for o in sample.objects for kind in valid_kinds(o, sample.objects)}
     pairs.discard((sample.question, sample.answer))
@@ -260,18 +282,21 @@ def more_questions(sample, n, size, rng, grid=3):
 
 def check_grid(grid):
     if grid not in GRID_NAMES:
-        raise ValueError(f"the synthetic task's 'where' answers name the cells of a 2x2 or 3x3 token grid, "
-                         f"and this model's grid is {grid}x{grid}: use a small preset (tiny, nano) or real data")
+        raise ValueError(f"the synthetic task's 'where' answers name the cells of a 2x2 or 3x3 "
+                         f"token grid, and this model's grid is {grid}x{grid}: use a small preset "
+                         f"(tiny, nano) or real data")
 
 
 def make_sample(index, split="train", n_frames=8, size=48, grid=3):
     """Sample number `index` of a split: the same clip, question and answer on every machine.
-    grid: 'where' answers name the cells of a grid x grid split of the frame (the model's token grid)."""
+    grid: 'where' answers name the cells of a grid x grid split of the frame (the model's
+    token grid)."""
     check_grid(grid)
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {list(SPLIT_SEEDS)}, got {split!r}")
     if n_frames < 2 or size < 24:
-        raise ValueError(f"need n_frames >= 2 and size >= 24 to show motion, got {n_frames} and {size}")
+        raise ValueError(f"need n_frames >= 2 and size >= 24 to show motion, "
+                         f"got {n_frames} and {size}")
     rng = np.random.default_rng([SPLIT_SEEDS[split], index])  # no global RNG: reproducible anywhere
     kind = str(rng.choice(list(QUESTIONS), p=kind_probabilities()))
     behaviors = plan_behaviors(kind, rng)
@@ -282,10 +307,13 @@ def make_sample(index, split="train", n_frames=8, size=48, grid=3):
         novel = len(behaviors) - 1 if kind in NAMES_SUBJECT else 0
     used_shapes, used_colors = set(), set()
     looks = {}
-    for i in sorted(range(len(behaviors)), key=lambda i: i != novel):  # the novel look first: its pair is rarest
-        looks[i] = pick_look(rng, 2 if behaviors[i] == "change" else 1, i == novel, used_shapes, used_colors)
+    # the novel look first: its pair is the rarest
+    for i in sorted(range(len(behaviors)), key=lambda i: i != novel):
+        n_colors = 2 if behaviors[i] == "change" else 1
+        looks[i] = pick_look(rng, n_colors, i == novel, used_shapes, used_colors)
     looks = [looks[i] for i in range(len(behaviors))]
-    for _ in range(10_000):  # resample positions until no object hides or touches another (~3 tries)
+    # resample positions until no object hides or touches another (about 3 tries)
+    for _ in range(10_000):
         objects = [make_object(behavior, shape, colors, rng, n_frames, size, grid)
                    for behavior, (shape, colors) in zip(behaviors, looks)]
         if not any(overlaps(a, b, size) for a, b in itertools.combinations(objects, 2)):
@@ -293,7 +321,8 @@ def make_sample(index, split="train", n_frames=8, size=48, grid=3):
     else:
         raise RuntimeError(f"could not place {len(objects)} objects apart in a {size}x{size} frame")
     question, answer = ask(kind, objects, size, grid)
-    return Sample(render(objects, n_frames, size), question, answer, QUESTIONS[kind][0], kind, objects)
+    family = QUESTIONS[kind][0]
+    return Sample(render(objects, n_frames, size), question, answer, family, kind, objects)
 
 
 def shuffle_frames(video, seed=0):
@@ -323,7 +352,8 @@ class ChatTemplate:
     video_tag: str = "<video>"
 
 
-SYNTHETIC = ChatTemplate(system="")  # the synthetic task: "<s> USER: <video>\\n{q} ASSISTANT: {a}</s>..."
+# the synthetic task's prompt: "<s> USER: <video>\\n{q} ASSISTANT: {a}</s>..."
+SYNTHETIC = ChatTemplate(system="")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 PAD_ID = SPECIAL_TOKENS.index("<pad>")  # build_tokenizer() gives the special tokens these ids
 
@@ -377,7 +407,8 @@ def unknown_words(tokenizer, text):
     """The words of text that the tokenizer reads as <unk>, which a model would answer as some other
     question; none where the tokenizer has no <unk> (byte-level ones spell every word)."""
     unk, encoding = tokenizer.token_to_id("<unk>"), tokenizer.encode(text, add_special_tokens=False)
-    return [text[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if unk is not None and i == unk]
+    return [text[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets)
+            if unk is not None and i == unk]
 
 
 def special_token_id(tokenizer, token):
@@ -414,7 +445,8 @@ def tokenize_conversation(tokenizer, template, turns):
             encoding = tokenizer.encode(text, add_special_tokens=False)
             for token_id, (_, end) in zip(encoding.ids, encoding.offsets):
                 ids.append(token_id)
-                labels.append(token_id if answer_start is not None and end > answer_start else IGNORE_INDEX)
+                in_answer = answer_start is not None and end > answer_start
+                labels.append(token_id if in_answer else IGNORE_INDEX)
     return ids, labels
 
 
@@ -431,10 +463,12 @@ def collate(examples, pad_id=PAD_ID):
     labels = torch.full_like(input_ids, IGNORE_INDEX)  # (B, L)
     for row, e in enumerate(examples):
         if len(e["labels"]) != len(e["input_ids"]):
-            raise ValueError(f"row {row}: {len(e['input_ids'])} input_ids but {len(e['labels'])} labels")
+            raise ValueError(f"row {row}: {len(e['input_ids'])} input_ids but "
+                             f"{len(e['labels'])} labels")
         input_ids[row, :lengths[row]] = torch.tensor(e["input_ids"])
         labels[row, :lengths[row]] = torch.tensor(e["labels"])
-    return {"videos": torch.stack(videos), "input_ids": input_ids, "labels": labels, "lengths": lengths}
+    return {"videos": torch.stack(videos), "input_ids": input_ids, "labels": labels,
+            "lengths": lengths}
 
 
 class SyntheticQA:
@@ -450,36 +484,42 @@ class SyntheticQA:
         sample = make_sample(index, self.split, self.n_frames, self.size, self.grid)
         rng = np.random.default_rng([SPLIT_SEEDS[self.split], index, 1])
         more = more_questions(sample, self.questions_per_clip - 1, self.size, rng, self.grid)
-        input_ids, labels = tokenize_conversation(self.tokenizer, SYNTHETIC, [(sample.question, sample.answer), *more])
+        turns = [(sample.question, sample.answer), *more]
+        input_ids, labels = tokenize_conversation(self.tokenizer, SYNTHETIC, turns)
         return {"video": sample.video, "input_ids": input_ids, "labels": labels, "sample": sample}
 
     def batch(self, start_index, batch_size):
-        """collate()'s tensors, and "samples": the Samples (ground truth, e.g. for the oracle teacher)."""
+        """collate()'s tensors, and "samples": the Samples (ground truth, e.g. for the oracle
+        teacher)."""
         examples = [self[i] for i in range(start_index, start_index + batch_size)]
         batch = collate(examples, pad_id=self.tokenizer.token_to_id("<pad>"))
         return batch | {"samples": [e["sample"] for e in examples]}
 
     def batches(self, next_sample, batch_size, rank=0, world=1, workers=0):
-        """Endless (batch, place) for training. Sample i is the same on every machine, so the next index is
-        the whole place: a step takes the next batch_size * world samples, process r the r-th batch_size of
-        them, and any number of processes can go on from a checkpoint's index. workers > 0: the batches are
-        drawn by that many processes while the model trains, the same batches in the same order."""
+        """Endless (batch, place) for training. Sample i is the same on every machine, so the next
+        index is the whole place: a step takes the next batch_size * world samples, process r the
+        r-th batch_size of them, and any number of processes can go on from a checkpoint's index.
+        workers > 0: the batches are drawn by that many processes while the model trains, the same
+        batches in the same order."""
         steps = TrainingSteps(self, next_sample, batch_size, rank, world)
         if not workers:
             return iter(steps)
-        # batch_size=None: each item is already a batch. With several workers, worker w draws steps w,
-        # w + workers, ...; the DataLoader asks them in turn and returns the batches in step order.
+        # batch_size=None: each item is already a batch. With several workers, worker w draws
+        # steps w, w + workers, ...; the DataLoader asks them in turn and returns the batches in
+        # step order.
         return iter(torch.utils.data.DataLoader(steps, batch_size=None, num_workers=workers,
                                                 worker_init_fn=ignore_ctrl_c))
 
 
-def ignore_ctrl_c(worker_id):  # Ctrl-C is the training process's to handle: it finishes its step first
+def ignore_ctrl_c(worker_id):
+    """Ctrl-C is the training process's to handle: it finishes its step first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TrainingSteps(torch.utils.data.IterableDataset):
-    """SyntheticQA.batches' stream as a dataset a DataLoader's workers can share: step j's batch and the
-    place after it, from step `first` on in steps of `every` (worker w of n: first w, every n)."""
+    """SyntheticQA.batches' stream as a dataset a DataLoader's workers can share: step j's batch
+    and the place after it, from step `first` on in steps of `every` (worker w of n: first w,
+    every n)."""
 
     def __init__(self, task, next_sample, batch_size, rank, world):
         self.task, self.next_sample, self.batch_size, self.rank, self.world = \
@@ -489,7 +529,7 @@ class TrainingSteps(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         first, every = (worker.id, worker.num_workers) if worker else (0, 1)
         for step in itertools.count(first, every):
-            start = self.next_sample + step * self.batch_size * self.world  # this step's first sample
+            start = self.next_sample + step * self.batch_size * self.world  # its first sample
             batch = self.task.batch(start + self.rank * self.batch_size, self.batch_size)
             yield batch, start + self.batch_size * self.world
 
@@ -505,15 +545,16 @@ def normalize_answer(text):
 
 
 def answer_text(tokenizer, ids, eos_id):
-    """Generated ids -> the answer: cut at the first eos, decoded and stripped, as the release does."""
+    """Generated ids -> the answer: cut at the first eos, decoded and stripped, as the release
+    does."""
     return tokenizer.decode(ids[:ids.index(eos_id)] if eos_id in ids else ids).strip()
 
 
 def accuracy(records, contains=False):
-    """records: (group, answer, prediction) triples -> {group: share right, ..., "all": share right}. Right:
-    the prediction's words are the answer's (contains=True: include them as whole words, "a man is cooking"
-    for "cooking"). The release judges real QA sets with a GPT model (its eval_video_qa.py), which accepts
-    paraphrases: these two are a lower and an upper quick check."""
+    """records: (group, answer, prediction) triples -> {group: share right, ..., "all": share
+    right}. Right: the prediction's words are the answer's (contains=True: include them as whole
+    words, "a man is cooking" for "cooking"). The release judges real QA sets with a GPT model (its
+    eval_video_qa.py), which accepts paraphrases: these two are a lower and an upper quick check."""
     hits = {}
     for group, answer, prediction in records:
         answer, prediction = normalize_answer(answer), normalize_answer(prediction)
@@ -521,3 +562,98 @@ def accuracy(records, contains=False):
         for key in (group, "all"):
             hits.setdefault(key, []).append(right)
     return {key: sum(values) / len(values) for key, values in hits.items()}
+
+
+# --- the task as train.py's data ------------------------------------------------------------
+# What a training run does with the task. The run's own helpers (multi_gpu.distributed,
+# checkpoints.run_files) are imported where they are used: data.py needs torch, numpy, tokenizers.
+
+@torch.no_grad()
+def evaluate(run, model, split="heldout", shuffle=False):
+    """Exact-match accuracy per question family on the first eval_samples of a synthetic split,
+    answered greedily by `model`, the whole model; shuffle: frames in a fixed scrambled order.
+    Under torchrun the processes share the questions."""
+    from multi_gpu import distributed
+    was_training, cfg, eos = model.training, model.cfg, run.tokenizer.token_to_id("</s>")
+    model.eval()
+    records, mine, device = [], range(run.rank, run.config.eval_samples, run.world), run.device
+    for start_at in range(0, len(mine), 100):  # 100 questions at a time
+        indices = mine[start_at:start_at + 100]
+        samples = [make_sample(i, split, cfg.n_frames, cfg.image_size, cfg.grid) for i in indices]
+        prompts = [tokenize_conversation(run.tokenizer, SYNTHETIC, [(s.question, None)])
+                   for s in samples]
+        videos = [shuffle_frames(s.video, seed=i) if shuffle else s.video
+                  for i, s in zip(indices, samples)]
+        batch = collate([dict(video=v, input_ids=ids, labels=labels)
+                         for v, (ids, labels) in zip(videos, prompts)])
+        answers = model.generate(batch["videos"].to(device), batch["input_ids"].to(device),
+                                 batch["lengths"].to(device), eos_id=eos,
+                                 max_new_tokens=run.config.max_new_tokens)
+        records += [(s.family, s.answer, answer_text(run.tokenizer, ids, eos))
+                    for s, ids in zip(samples, answers.tolist())]
+    model.train(was_training)
+    return accuracy([record for part in distributed.gather(records) for record in part])
+
+
+def accuracy_line(by_family):
+    """{family: share right} -> "all 50.0%, color 75.0%, ...", the families sorted by name."""
+    return ", ".join(f"{family} {value:.1%}" for family, value in sorted(by_family.items()))
+
+
+class SyntheticTask:
+    """The synthetic video-QA task as a training run's data source (train.py's Run.data; the other
+    is real_video.training_data.RealVideos, which provides the same attributes and methods). The
+    batches come from SyntheticQA's endless stream. Sample i is the same on every process, so where
+    the run is, next_sample, is one number for them all, and a run goes on from it on any number of
+    processes. Held-out exact match scores the model during the run and at its end."""
+    template = "synthetic"  # the prompt format, saved for sample.py
+    decodes_files = False   # waits for its batches are not ones more --num_workers would shorten
+    data_size = None        # the checkpoint's data_size: a stream has none
+
+    def __init__(self):
+        self.next_sample = 0  # the stream's index of the first sample no step has taken
+        self.skipped = []     # none: every clip is made whole
+
+    data_place = property(lambda self: self.next_sample)  # the checkpoint's data_place
+
+    def start_stream(self, run, ckpt):
+        """The batches from the first sample, or from where ckpt left the run."""
+        if ckpt is not None:  # every process that saved it saved the same index
+            places = ckpt["data_place"]
+            self.next_sample = places[run.rank] if len(places) == run.world else places[0]
+        cfg, config = run.model.cfg, run.config
+        task = SyntheticQA(run.tokenizer, "train", cfg.n_frames, cfg.image_size,
+                           config.questions_per_clip, cfg.grid)
+        self.stream = task.batches(self.next_sample, config.batch_size, run.rank, run.world,
+                                   config.num_workers)
+
+    def next_batch(self):
+        batch, self.next_sample = next(self.stream)
+        return batch
+
+    def evaluate_mid_run(self, run, write):
+        """One line through write: the step, its loss and the held-out accuracies."""
+        from multi_gpu import distributed
+        accuracies = evaluate(run, distributed.whole_model(run.model, run.config.fsdp))
+        if run.master:
+            write(f"step {run.step}: loss {run.loss:.4f}, held-out exact match: "
+                  f"{accuracy_line(accuracies)}")
+
+    def finish(self, run, check_stop):
+        """The final accuracies, printed and in out_dir/results.json; check_stop() before each
+        (Ctrl-C: the run exits there)."""
+        from checkpoints import run_files
+        from multi_gpu import distributed
+        final, results = distributed.whole_model(run.model, run.config.fsdp), {}
+        for name, split, shuffle in (("heldout", "heldout", False), ("test", "test", False),
+                                     ("heldout_shuffled", "heldout", True)):
+            check_stop()
+            results[name] = evaluate(run, final, split, shuffle)
+            if run.master:
+                print(f"{name}: {accuracy_line(results[name])}")
+        if run.master:
+            text = json.dumps(results, indent=1).encode()
+            run_files.write_atomically(run.out / "results.json", lambda f: f.write(text))
+            print("held-out: (shape, colour) pairs training never showed; test: fresh clips of "
+                  "training's pairs; shuffled: held-out with frames out of order, where spatial "
+                  "holds and temporal falls to ~50%")

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-import distill  # noqa: E402
-import distributed  # noqa: E402
+from distillation import teachers  # noqa: E402
+from multi_gpu import distributed  # noqa: E402
 import train  # noqa: E402
 from panda import PandaConfig, VideoPanda  # noqa: E402
 
@@ -38,7 +38,7 @@ def gradients(setting, device, world):
                  questions_per_clip=1, distill=distilled, grad_clip=0.0, fsdp=fsdp and world > 1)
     torch.manual_seed(0)  # the same weights in every process, and in the reference
     model = VideoPanda(cfg)
-    tc, head, teacher = distill.setup(tc, model, None, device)
+    tc, head, teacher = teachers.setup(tc, model, None, device)
     if tc.fsdp:
         distributed.shard(model, head, device)
     train_model, train_head = distributed.wrap(model, head, device, tc.fsdp)
@@ -46,7 +46,9 @@ def gradients(setting, device, world):
     rank = distributed.rank_and_world()[0]
     stream = task.batches(0, tc.batch_size, rank, world)
     micro = [next(stream)[0] for _ in range(grad_accum)]
-    train.forward_backward(train_model, train_head, teacher, micro, tc, device, world, model)
+    run = train.Run(tc, None, device, rank, world, model, head, teacher, tokenizer, optimizer=None,
+                    data=None, train_model=train_model, train_head=train_head)  # what a step reads
+    train.forward_backward(run, micro)
     named = list(model.named_parameters()) + ([] if head is None else
                                               [(f"head.{n}", p) for n, p in head.named_parameters()])
     full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP: gather the shards

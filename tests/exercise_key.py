@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from panda import PandaConfig, QueryAttention
+from panda import FastQueryAttention, PandaConfig, QueryAttention
 
 
 # --------------------------------------------------------------------------- 1. LSD written out
@@ -211,7 +211,7 @@ class FrameQueryFSRA(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.query = nn.Parameter(torch.randn(cfg.n_frames, cfg.stab_dim))
-        self.attn = QueryAttention(cfg.stab_dim, cfg.stab_heads, fast=cfg.fast)
+        self.attn = (FastQueryAttention if cfg.fast else QueryAttention)(cfg.stab_dim, cfg.stab_heads)
 
     def frame_of_row(self, rows):
         """The frame position of each of the rows (B * T of them)."""

@@ -1,4 +1,4 @@
-"""tools/ablate.py: its own options checked before anything trains, one folder per run wherever it is
+"""teaching/ablate.py: its own options checked before anything trains, one folder per run wherever it is
 started from, finished runs kept, a failing run stops the sweep with train.py's message, progress read
 from train.py's bar, and the table's means, spreads and changes."""
 
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-import common
-from tools import ablate
+from tools import cli
+from teaching import ablate
 
 NANO = ("--train_args=--preset=nano --max_steps=2 --batch_size=2 --warmup_steps=1 --eval_samples=2 "
         "--questions_per_clip=1 --eval_every=100 --save_every=100")
@@ -38,7 +38,7 @@ def test_a_sweep_from_another_directory_keeps_each_run_in_its_folder(tmp_path, m
     argv = ["--variants=full,lsd_avgpool", "--seeds=3", "--parallel=2", "--threads=1", "--device=cpu",
             "--out_dir=sweep", NANO]
     ablate.main(argv)
-    runs = ablate.plan(ablate.AblateConfig(**common.parse_args(argv, "", ablate.AblateConfig)[0]))
+    runs = ablate.plan(ablate.AblateConfig(**cli.parse_args(argv, "", ablate.AblateConfig)[0]))
     assert [r.folder for r in runs] == [tmp_path / "sweep" / "full-s3", tmp_path / "sweep" / "lsd_avgpool-s3"]
     for run in runs:
         assert run.progress() == (2, 2)  # read from train.py's own progress bar
@@ -60,10 +60,10 @@ def test_ctrl_c_stops_every_run_after_its_step_and_the_same_command_resumes(tmp_
     options = ["--variants=full", "--seeds=1", "--device=cpu", "--threads=1", f"--out_dir={tmp_path}",
                NANO.replace("--max_steps=2", "--max_steps=100000")]
     # started as a background job would be, with Ctrl-C ignored: ablate.py must still stop on it
-    sweep = subprocess.Popen([sys.executable, str(ablate.TRAIN.parent / "tools" / "ablate.py"), *options],
+    sweep = subprocess.Popen([sys.executable, str(ablate.TRAIN.parent / "teaching" / "ablate.py"), *options],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    run = ablate.plan(ablate.AblateConfig(**common.parse_args(options, "", ablate.AblateConfig)[0]))[0]
+    run = ablate.plan(ablate.AblateConfig(**cli.parse_args(options, "", ablate.AblateConfig)[0]))[0]
     try:
         waited = 0
         while run.progress()[0] < 2 and sweep.poll() is None and waited < 600:  # until it has trained a step or two

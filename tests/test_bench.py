@@ -1,11 +1,11 @@
-"""tools/bench.py runs (a CPU smoke run with tiny models) and counts work as the paper does. Timings are
+"""gpu_speed/bench.py runs (a CPU smoke run with tiny models) and counts work as the paper does. Timings are
 never asserted: they depend on the machine."""
 
 import json
 
 import pytest
 
-from tools import bench
+from gpu_speed import bench
 from panda import PandaConfig
 
 

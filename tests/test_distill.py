@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-import common
+from checkpoints import run_files
 import data
-import distill
+from distillation import teachers
 import train
-from distill import DistillHead, cosine_loss, distill_loss, grid_positions
+from distillation.teachers import DistillHead, cosine_loss, distill_loss, grid_positions
 from panda import VIDEO_PLACEHOLDER, PandaConfig, VideoPanda, rope_inv_freq
+from real_video import letterbox_tokens
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_grid_positions_pick_the_lsd_tokens_out_of_the_spliced_sequence(split_to
     x, _, _ = model.embed_inputs(v, ids)
     handle.remove()
     projected = model.projector(grids[0]).view(2, cfg.n_frames, 2, 2, -1)  # (B, T, g, g, d)
-    valid = model.stab.valid_cells(v, 2)
+    valid = letterbox_tokens.valid_cells(v, 2)
     pos = grid_positions(cfg, torch.tensor([2, 1]), valid)
     for b, t, r, c in zip(*torch.nonzero(pos >= 0, as_tuple=True)):
         torch.testing.assert_close(x[b, pos[b, t, r, c]], projected[b, t, r, c])
@@ -129,7 +130,7 @@ def test_distillation_gradient_reaches_the_stab(tokenizer):
         for p in model.stab.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     batch = data.SyntheticQA(tokenizer, "train", model.cfg.n_frames, model.cfg.image_size).batch(0, 2)
-    teacher, dim = distill.make_teacher("oracle", model.cfg)
+    teacher, dim = teachers.make_teacher("oracle", model.cfg)
     head = DistillHead(model.cfg, dim)
     _, hidden = model(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"], return_hidden=True)
     loss = distill_loss(head, teacher, batch, hidden, model)
@@ -162,11 +163,11 @@ def rotary(model, positions):
 @pytest.mark.parametrize("split,n_frames,size,grid", [("train", 8, 48, 3), ("heldout", 8, 48, 3), ("train", 4, 32, 2),
                                                       ("train", 8, 64, 4)])
 def test_oracle_features_agree_with_the_pixels(split, n_frames, size, grid):
-    names, colors = distill.ORACLE_FEATURES, np.array(list(data.COLORS.values()))  # (5, 3)
+    names, colors = teachers.ORACLE_FEATURES, np.array(list(data.COLORS.values()))  # (5, 3)
     cell = size // grid
     for i in range(40):
         s = data.make_sample(i, split, n_frames, size)
-        f = distill.oracle_features(s, grid)
+        f = teachers.oracle_features(s, grid)
         assert f.shape == (n_frames, grid, grid, 24) and f.dtype == np.float32
         rows, cols = f[..., names.index("row 0"):names.index("row 3") + 1], f[..., names.index("column 0"):]
         assert (rows.sum(-1) == 1).all() and (cols.sum(-1) == 1).all()  # every cell says where it is
@@ -192,7 +193,7 @@ def test_oracle_features_agree_with_the_pixels(split, n_frames, size, grid):
 
 def test_oracle_needs_whole_cells():
     with pytest.raises(ValueError, match="whole cells"):
-        distill.oracle_features(data.make_sample(0), 5)
+        teachers.oracle_features(data.make_sample(0), 5)
 
 
 # --------------------------------------------------------------------------- train.py --distill=oracle
@@ -202,13 +203,13 @@ NANO_RUN = ["--preset=nano", "--device=cpu", "--batch_size=2", "--warmup_steps=1
 
 
 def test_train_with_the_oracle_teacher_saves_and_resumes_its_head(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})  # answering is not tested here
+    monkeypatch.setattr(data, "evaluate", lambda *args, **kwargs: {"all": 0.0})  # answering is not tested here
     args = NANO_RUN + [f"--out_dir={tmp_path}"]
     train.main(args + ["--max_steps=1", "--distill=oracle", "--distill_weight=0.5"])
-    ckpt = common.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = run_files.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["train_config"]["distill"] == "oracle" and "norm_layer.0.1.weight" in ckpt["distill_head"]
     train.main(args + ["--max_steps=2", "--init_from=resume"])
-    assert common.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
+    assert run_files.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2
     with pytest.raises(ValueError, match=r"options it began with; these differ: --distill= \(oracle there\)"):
         train.main(args + ["--max_steps=3", "--init_from=resume", "--distill="])
     with pytest.raises(ValueError, match="--distill must be"):
@@ -216,11 +217,11 @@ def test_train_with_the_oracle_teacher_saves_and_resumes_its_head(tmp_path, monk
 
 
 def test_distillation_is_on_by_default_on_the_synthetic_task(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})
+    monkeypatch.setattr(data, "evaluate", lambda *args, **kwargs: {"all": 0.0})
     args = NANO_RUN + ["--max_steps=1"]
     train.main(args + [f"--out_dir={tmp_path / 'auto'}"])  # --distill=auto: the synthetic task has the oracle
-    ckpt = common.load_checkpoint(tmp_path / "auto" / "ckpt.pt")
+    ckpt = run_files.load_checkpoint(tmp_path / "auto" / "ckpt.pt")
     assert ckpt["train_config"]["distill"] == "oracle" and ckpt["distill_head"] is not None
     train.main(args + [f"--out_dir={tmp_path / 'off'}", "--distill="])
-    ckpt = common.load_checkpoint(tmp_path / "off" / "ckpt.pt")
+    ckpt = run_files.load_checkpoint(tmp_path / "off" / "ckpt.pt")
     assert ckpt["train_config"]["distill"] == "" and ckpt["distill_head"] is None

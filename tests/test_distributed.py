@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch import distributed as dist
 
-import common
+from checkpoints import run_files
 import train
-import video
-import weights
+from real_video import video_files
+from checkpoints import checkpoint_dirs
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -42,7 +42,7 @@ def torchrun(*options):
 
 
 def load(path):
-    return common.load_checkpoint(path)
+    return run_files.load_checkpoint(path)
 
 
 def assert_close(expected, actual):
@@ -157,10 +157,10 @@ def test_fsdp_equals_one_process_and_its_sharded_checkpoint_resumes(one_process,
     assert not (tmp_path / "ckpt_dcp.old").exists()
     # the folder, made into one file as its docstring says: ckpt.pt's "model" and "optimizer"
     dcp_to_torch_save(tmp_path / "ckpt_dcp", tmp_path / "full.pt")
-    ckpt = torch.load(tmp_path / "full.pt", weights_only=True) | common.load_checkpoint(tmp_path / "ckpt_dcp" / "train_state.pt", keys=())
+    ckpt = torch.load(tmp_path / "full.pt", weights_only=True) | run_files.load_checkpoint(tmp_path / "ckpt_dcp" / "train_state.pt", keys=())
     assert_same_run(one_process, ckpt)
     assert [s["step"].item() for s in ckpt["optimizer"]["state"].values()] == [3] * len(ckpt["optimizer"]["state"])
-    exported, _ = weights.from_pretrained(tmp_path / "export")  # gathered to rank 0 and written there
+    exported, _ = checkpoint_dirs.from_pretrained(tmp_path / "export")  # gathered to rank 0 and written there
     assert_close(one_process["model"], exported.state_dict())
 
 
@@ -187,12 +187,13 @@ class Numbered(torch.utils.data.Dataset):
 
 
 def take(batches, n):
-    """The first n of video.batches: (sample ids, epoch, position) each."""
+    """The first n of video_files.batches: (sample ids, epoch, position) each."""
     return [(batch["id"], *place) for batch, place in islice(batches, n)]
 
 
 def shares(dataset, batch_size, place=(0, 0), skipped=None, rank=0, world=1):
-    return video.batches(dataset, batch_size, 1337, place, "skip", [] if skipped is None else skipped, 0, rank, world)
+    plan = video_files.BatchPlan(batch_size, 1337, rank, world, num_workers=0)
+    return video_files.batches(dataset, plan, place, "skip", [] if skipped is None else skipped)
 
 
 def test_real_data_shares_make_the_global_batch():

@@ -23,13 +23,15 @@ def test_the_readmes_line_counts_are_the_files():
 
 
 def test_the_files_and_docs_the_readme_names_exist():
-    named = set(re.findall(r"`((?:docs|tools|tests)/[\w./-]+)`", README))
-    assert {"docs/paper.md", "tools/bench.py"} <= named
+    folders = "docs|tools|tests|real_video|checkpoints|distillation|multi_gpu|gpu_speed|teaching"
+    named = set(re.findall(rf"`((?:{folders})/[\w./-]+)`", README))
+    assert {"docs/paper.md", "gpu_speed/bench.py"} <= named
     assert [name for name in named if not (ROOT / name).exists()] == []
 
 
-SCRIPTS = ["train.py", "sample.py", "tools/bench.py", "tools/ablate.py", "tools/export.py", "tools/random_export.py",
-           "tools/loader_bench.py", "tools/teacher_bench.py"]
+SCRIPTS = ["train.py", "sample.py", "gpu_speed/bench.py", "teaching/ablate.py", "checkpoints/export.py",
+           "checkpoints/random_export.py", "real_video/loader_bench.py", "distillation/teacher_bench.py",
+           "tools/shapes.py"]
 
 # Runs each script as `python SCRIPT --help` would (its folder first on sys.path, run as __main__), all in one
 # interpreter so that torch is imported once; the project's own modules are forgotten between scripts, so
@@ -37,9 +39,11 @@ SCRIPTS = ["train.py", "sample.py", "tools/bench.py", "tools/ablate.py", "tools/
 HELP_RUNNER = """
 import os, runpy, sys
 root, scripts = sys.argv[1], sys.argv[2:]
-path, ours = list(sys.path[1:]), {root, os.path.join(root, "tools")}
+path = list(sys.path[1:])
 for script in scripts:
-    for name in [n for n, m in sys.modules.items() if os.path.dirname(getattr(m, "__file__", None) or "") in ours]:
+    files = {n: getattr(m, "__file__", None) or "" for n, m in sys.modules.items()}
+    mine = [n for n, f in files.items() if f.startswith(root + os.sep) and "site-packages" not in f]
+    for name in mine:  # the project's modules and packages (each folder has an __init__.py)
         del sys.modules[name]
     sys.path[:] = [os.path.dirname(os.path.join(root, script))] + path
     sys.argv = [script, "--help"]

@@ -1,5 +1,5 @@
 """The exercises' checks (tests/test_exercises.py) proven on worked answers (tests/exercise_key.py):
-every correct answer passes, every plausible wrong one fails; and the "Then try" hooks of exercises.py
+every correct answer passes, every plausible wrong one fails; and the "Then try" hooks of teaching/exercises.py
 put answers into a model."""
 
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import exercises
+from teaching import exercises
 from panda import GSTRA, PandaConfig, VideoPanda
 from tests import exercise_key
 from tests.test_exercises import CHECKS, randomize

@@ -1,4 +1,4 @@
-"""Checks of the answers in exercises.py (docs/EXERCISES.md). An exercise still raising NotImplementedError
+"""Checks of the answers in teaching/exercises.py (docs/EXERCISES.md). An exercise still raising NotImplementedError
 is skipped; an attempted one is compared with panda's own behaviour. tests/test_exercise_key.py proves
 the checks on worked answers: the correct ones all pass, the wrong ones all fail."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import data
-import exercises
-import weights
-from panda import FSRA, GSTRA, LSD, PandaConfig, QueryAttention, VideoPanda
+from teaching import exercises
+from checkpoints import checkpoint_dirs
+from panda import FSRA, GSTRA, LSD, FastQueryAttention, PandaConfig, QueryAttention, VideoPanda
 
 
 def attempted(answer):
@@ -22,7 +22,7 @@ def attempted(answer):
         try:
             return answer(*args, **kwargs)
         except NotImplementedError:
-            pytest.skip(f"exercise not attempted yet: {answer.__qualname__} in exercises.py")
+            pytest.skip(f"exercise not attempted yet: {answer.__qualname__} in teaching/exercises.py")
     return call
 
 
@@ -50,8 +50,9 @@ def check_lsd(answer, window, shape):
     x = torch.randn(*shape, 32)
     expected = reference(x)
     with pytest.MonkeyPatch.context() as patch:  # however they are called, bound or not
-        for method in ("forward", "attention", "pooled"):
-            patch.setattr(QueryAttention, method, refuse)
+        for cls, method in [(QueryAttention, "forward"), (QueryAttention, "attention"),
+                            (FastQueryAttention, "forward"), (FastQueryAttention, "pooled_attention")]:
+            patch.setattr(cls, method, refuse)
         out = answer(x, reference.attn, window)
     F_, H, W = shape
     assert out.shape == (F_, H // window, W // window, 32)
@@ -143,7 +144,7 @@ def check_decoder_config(answer, hf):
     ours = answer(hf)
     assert set(ours) <= set(DECODER_FIELDS + ROPE_SCALING), f"not decoder fields: {set(ours) - set(DECODER_FIELDS)}"
     cfg = PandaConfig.preset("paper", **ours)
-    expected = PandaConfig.preset("paper", **weights.decoder_fields(hf))
+    expected = PandaConfig.preset("paper", **checkpoint_dirs.decoder_fields(hf))
     for name in DECODER_FIELDS + ROPE_SCALING:
         if name != "head_dim":
             assert getattr(cfg, name) == getattr(expected, name), f"{name}: {getattr(cfg, name)} is not right"

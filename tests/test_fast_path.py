@@ -3,14 +3,12 @@ as a matmul, the LSTE on channels-last tokens, the pooled attention of GSTRA and
 gradients, each module and the whole model. And the KV cache: generation through it equals generation
 that recomputes the whole sequence, with a fresh cache or a larger one reused."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import panda
-from panda import VIDEO_PLACEHOLDER, KVCache, PandaConfig, QueryAttention, VideoPanda
+from panda import VIDEO_PLACEHOLDER, FastQueryAttention, KVCache, PandaConfig, QueryAttention, VideoPanda
 
 TOLERANCE = 1e-5  # fp32: the two forms add the same products in another order
 
@@ -64,7 +62,8 @@ def sdpa_reference(attn, query, tokens, key_mask=None):
 @pytest.mark.parametrize("masked", [False, True])
 def test_pooled_attention_is_the_plain_attention(bias, full_width_scale, masked):
     for seed in range(3):
-        fast, plain = both(lambda f: QueryAttention(64, 4, bias, full_width_scale, fast=f), seed)
+        form = lambda f: FastQueryAttention if f else QueryAttention
+        fast, plain = both(lambda f: form(f)(64, 4, bias, full_width_scale), seed)
         g = torch.Generator().manual_seed(seed)
         query, tokens = torch.randn(6, 64, generator=g), torch.randn(6, 50, 64, generator=g)
         mask = None
@@ -76,18 +75,29 @@ def test_pooled_attention_is_the_plain_attention(bias, full_width_scale, masked)
 
 
 def test_few_tokens_keep_the_plain_form():
-    """LSD's 2x2 windows have fewer tokens than heads: there the rewrite would do more work, not less."""
-    attn = QueryAttention(32, 8)
+    """Up to as many tokens as heads (LSD's 2x2 windows) the plain form runs: there the rewrite would
+    hold more numbers than it saves. Above that, the pooled form."""
+    attn = FastQueryAttention(32, 8)
     calls = []
-    attn.pooled = lambda *a: calls.append(a)
-    attn(torch.randn(2, 32), torch.randn(2, 4, 32))
-    assert calls == []
+    attn.pooled_attention = lambda query, tokens, mask: calls.append(tokens.shape[1]) or torch.zeros(2, 8, 4)
+    attn(torch.randn(2, 32), torch.randn(2, 8, 32))
+    attn(torch.randn(2, 32), torch.randn(2, 9, 32))
+    assert calls == [9]
+
+
+def test_the_switch_builds_the_fast_forms_with_the_same_parameters():
+    fast, plain = (VideoPanda(PandaConfig.preset("nano", fast=f)).stab for f in (True, False))
+    kinds = lambda stab: [type(m).__name__ for m in (stab.patch_embed, stab.lste, stab.gstra.attn, stab.lsd.attn,
+                                                      stab.fsra.attn)]
+    assert kinds(plain) == ["PatchEmbed", "LSTE"] + ["QueryAttention"] * 3
+    assert kinds(fast) == ["FastPatchEmbed", "FastLSTE"] + ["FastQueryAttention"] * 3
+    assert {n: t.shape for n, t in fast.state_dict().items()} == {n: t.shape for n, t in plain.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- the STAB's modules
 
 def test_patch_embedding_matmul_is_the_conv():
-    fast, plain = both(lambda f: panda.PatchEmbed(24, 14, fast=f), 0)
+    fast, plain = both(lambda f: (panda.FastPatchEmbed if f else panda.PatchEmbed)(24, 14), 0)
     assert_same_function(fast, plain, [torch.randn(5, 3, 56, 56)])
     assert rel_err(plain(torch.ones(1, 3, 56, 56)), F.conv2d(torch.ones(1, 3, 56, 56), plain.weight, stride=14)
                    .permute(0, 2, 3, 1)) < TOLERANCE  # plain is the release's Conv2d, channels last
@@ -96,7 +106,7 @@ def test_patch_embedding_matmul_is_the_conv():
 @pytest.mark.parametrize("training", [False, True])  # BatchNorm with running or batch statistics
 def test_lste_on_channels_last_tokens_is_the_conv3d_modules(training):
     cfg = PandaConfig.preset("nano", stab_dim=24)
-    fast, plain = both(lambda f: panda.LSTE(replace(cfg, fast=f)), 0)
+    fast, plain = both(lambda f: (panda.FastLSTE if f else panda.LSTE)(cfg), 0)
     for m in (fast, plain):
         m.norm.running_var.fill_(1.7)  # randomised() touched parameters only
         m.train(training)
@@ -155,17 +165,15 @@ def test_each_decode_step_gives_the_logits_of_the_whole_sequence():
             assert rel_err(steps[step - 1][row], whole) < TOLERANCE, (row, step)
 
 
-def test_the_prefill_gives_each_rows_last_state_alone_and_the_same_there():
-    """The prefill's last block computes only each row's last position (the first token needs no other):
-    the states there equal those of a pass over every position."""
+def test_the_prefill_gives_each_row_the_logits_of_its_prompt_alone():
+    """Right-padded rows of different lengths in one prefill: each row's next-token logits, taken at
+    its own last position, equal a forward pass over that row alone."""
     model, videos, ids, lengths = nano_model_and_prompts()
     x, _, seq_len = model.embed_inputs(videos, ids, lengths=lengths)
-    positions, rows = torch.arange(x.shape[1])[None], torch.arange(3)
     with torch.no_grad():
-        last = model.decoder(x, positions, last=seq_len - 1)
-        whole = model.decoder(x, positions)[rows, seq_len - 1]
-    assert last.shape == (3, 1, model.cfg.d_model)
-    assert rel_err(last[:, 0], whole) < TOLERANCE
+        logits = model.prefill(x, seq_len, KVCache(model.cfg, 3, x.shape[1], torch.float32, "cpu"))
+        for row, n in enumerate(lengths.tolist()):
+            assert rel_err(logits[row], model(videos[row:row + 1], ids[row:row + 1, :n])[0, -1]) < TOLERANCE
 
 
 def test_a_larger_cache_reused_gives_the_same_tokens_and_a_small_one_is_an_error():

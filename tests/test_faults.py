@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
+from tools import cli
+
+from checkpoints import run_files
+import data
 import sample
 import train
 
@@ -25,7 +28,7 @@ NANO = ["--preset=nano", "--device=cpu", "--batch_size=2", "--warmup_steps=1", "
 
 @pytest.fixture(autouse=True)
 def no_evaluation(monkeypatch):
-    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})  # answering is not tested here
+    monkeypatch.setattr(data, "evaluate", lambda *args, **kwargs: {"all": 0.0})  # answering is not tested here
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +40,11 @@ def good_run(tmp_path_factory):
 
 
 def one_line_error(args, script="sample.py"):
-    """The script's main as its command line runs it (common.run), in this process: it stops with exit
+    """The script's main as its command line runs it (cli.run), in this process: it stops with exit
     status 1 and one line, "error: ...", and no other exception escapes. (tests/test_scripts.py runs the
     real command line in a subprocess: the same line, on stderr, and no traceback.)"""
     with pytest.raises(SystemExit) as stop:
-        common.run({"sample.py": sample.main, "train.py": train.main}[script], args)
+        cli.run({"sample.py": sample.main, "train.py": train.main}[script], args)
     line = stop.value.code
     assert isinstance(line, str) and line.startswith("error: ") and "\n" not in line, line  # exit status 1
     return line
@@ -63,14 +66,14 @@ class Payload:
 def test_a_checkpoint_that_would_run_code_is_refused_without_running(name, good_run, tmp_path):
     out, marker = tmp_path / "out", tmp_path / "was-run"
     (out / name).parent.mkdir(parents=True)
-    state = common.load_checkpoint(good_run / "ckpt.pt")
+    state = run_files.load_checkpoint(good_run / "ckpt.pt")
     torch.save(state | {"note": Payload(marker)}, out / name)
     (out / "tokenizer.json").write_bytes((good_run / "tokenizer.json").read_bytes())
     if name == "ckpt.pt":
         line = one_line_error([f"--out_dir={out}", "--video=synthetic:1", "--device=cpu"])
     else:
-        with pytest.raises(common.CheckpointError) as error:
-            common.load_train_state(out / name, "cpu", train.TrainConfig, sharded=True)  # as --fsdp=true reads it
+        with pytest.raises(run_files.CheckpointError) as error:
+            run_files.load_train_state(out / name, "cpu", train.TrainConfig, sharded=True)  # as --fsdp=true reads it
         line = str(error.value)
     assert str(out / name) in line and "could run code" in line
     assert not marker.exists()
@@ -89,9 +92,9 @@ def test_a_bad_checkpoint_is_one_line_naming_it(content, reason, good_run, tmp_p
     if content == "truncated":
         content = good[:len(good) // 2]
     elif content == "state_dict":
-        torch.save(common.load_checkpoint(good_run / "ckpt.pt")["model"], path)
+        torch.save(run_files.load_checkpoint(good_run / "ckpt.pt")["model"], path)
     elif content == "wrong config":
-        state = common.load_checkpoint(good_run / "ckpt.pt")
+        state = run_files.load_checkpoint(good_run / "ckpt.pt")
         torch.save(state | {"model_config": state["model_config"] | {"stab_dim": 48}}, path)
     if isinstance(content, bytes):
         path.write_bytes(content)
@@ -118,9 +121,9 @@ def test_a_diverging_run_stops_before_the_update_and_keeps_the_last_checkpoint(g
     saved = (out / "ckpt.pt").read_bytes()
     step = train.forward_backward
 
-    def diverging(model, *args, **kwargs):
-        loss = step(model, *args, **kwargs)
-        next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+    def diverging(run, *args, **kwargs):
+        loss = step(run, *args, **kwargs)
+        next(p for p in run.model.parameters() if p.grad is not None).grad.fill_(float("nan"))
         return loss
     monkeypatch.setattr(train, "forward_backward", diverging)
     with pytest.raises(train.NonFiniteStep, match="step 2: the loss is .* gradient norm nan: stopped before"):
@@ -134,7 +137,7 @@ def test_a_learning_rate_far_too_high_ends_in_one_line_and_no_nonfinite_checkpoi
                                   f"--out_dir={out}"], "train.py")
     assert "stopped before the update" in line or "the weights hold inf or NaN" in line
     if (out / "ckpt.pt").exists():  # what was saved before the run stopped is finite
-        state = common.load_checkpoint(out / "ckpt.pt")
+        state = run_files.load_checkpoint(out / "ckpt.pt")
         assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
 
 
@@ -144,9 +147,9 @@ def test_grad_clip_0_means_no_clipping(tmp_path):
     runs = {}
     for clip in ("0", "1e9"):
         train.main(NANO + ["--max_steps=1", f"--grad_clip={clip}", f"--out_dir={tmp_path / clip}"])
-        runs[clip] = common.load_checkpoint(tmp_path / clip / "ckpt.pt")["model"]
+        runs[clip] = run_files.load_checkpoint(tmp_path / clip / "ckpt.pt")["model"]
     torch.manual_seed(1337)
-    fresh = common.build_model(common.load_checkpoint(tmp_path / "0" / "ckpt.pt"), "", "cpu", weights=False)
+    fresh = run_files.build_model(run_files.load_checkpoint(tmp_path / "0" / "ckpt.pt"), "", "cpu", weights=False)
     assert all(torch.equal(runs["0"][name], runs["1e9"][name]) for name in runs["0"])
     assert any(not torch.equal(runs["0"][name], t) for name, t in fresh.state_dict().items()
                if t.is_floating_point())
@@ -162,7 +165,7 @@ def test_resuming_with_other_options_is_refused_and_names_them(good_run):
 # --------------------------------------------------------------------------- one run per out_dir
 
 def test_a_second_run_in_the_same_out_dir_is_refused_and_told_who_holds_it(tmp_path):
-    lock = common.RunLock(tmp_path).acquire()  # as a run in another process would hold it
+    lock = run_files.RunLock(tmp_path).acquire()  # as a run in another process would hold it
     try:
         with pytest.raises(FileExistsError, match=f"in use by another run \\(pid {os.getpid()} on "):
             train.main(NANO + ["--max_steps=1", f"--out_dir={tmp_path}"])
@@ -192,10 +195,10 @@ def test_ctrl_c_saves_the_step_it_finished_and_the_run_goes_on_from_it(tmp_path)
     stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stderr[-2000:]
     assert f"saved: go on with python train.py --init_from=resume --out_dir={out}" in stdout
-    step = common.load_checkpoint(out / "ckpt.pt")["step"]
+    step = run_files.load_checkpoint(out / "ckpt.pt")["step"]
     assert 0 <= step < 100000
     train.main(["--init_from=resume", f"--max_steps={step + 2}", f"--out_dir={out}"])
     train.main(NANO + constant + [f"--max_steps={step + 2}", f"--out_dir={tmp_path / 'straight'}"])
-    resumed, straight = (common.load_checkpoint(path / "ckpt.pt") for path in (out, tmp_path / "straight"))
+    resumed, straight = (run_files.load_checkpoint(path / "ckpt.pt") for path in (out, tmp_path / "straight"))
     assert resumed["step"] == straight["step"] == step + 2
     assert all(torch.equal(resumed["model"][name], t) for name, t in straight["model"].items())

@@ -1,5 +1,5 @@
 """Checkpoint directories someone hands you, and model sizes that no model can have. Each mistake is one
-ValueError line (common.run prints it) that names the --option, or the file and its field or key; nothing
+ValueError line (tools/cli.run prints it) that names the --option, or the file and its field or key; nothing
 outside the checkpoint's directory is read and nothing in it runs. Every model is the nano preset."""
 
 import json
@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from panda import PandaConfig, VideoPanda
 from test_faults import Payload
-from weights import CheckpointError, from_pretrained, save_pretrained
+from checkpoints.checkpoint_dirs import CheckpointError, from_pretrained, save_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def refused(path):
     (dict(stab_dropout=1.0), "--stab_dropout must be below 1, got 1.0"),
     (dict(rms_eps=math.nan), "--rms_eps must be positive, got nan"),
     (dict(rope_theta=math.inf), "--rope_theta must be positive, got inf"),
-    (dict(d_model=30), "--head_dim (or --d_model // --n_heads) of 7: rotary"),
+    (dict(d_model=30), "--head_dim (or --d_model // --n_heads) must be even for the rotary embeddings' channel pairs, got 7"),
 ])
 def test_an_impossible_model_size_is_one_line_naming_the_option_or_the_file(changes, message, export, tmp_path):
     with pytest.raises(ValueError) as error:

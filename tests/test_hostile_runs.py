@@ -11,9 +11,12 @@ import signal
 import pytest
 import torch
 
-import common
+from tools import cli
+
+from checkpoints import run_files
+import data
 import train
-import weights
+from checkpoints import checkpoint_dirs
 
 from test_faults import NANO, Payload, good_run, no_evaluation  # noqa: F401 (nano options, two fixtures)
 
@@ -25,15 +28,15 @@ def copy_run(good_run, out, **changes):
     """good_run's tokenizer and checkpoint in out, the checkpoint's keys changed (GONE: removed)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_bytes((good_run / "tokenizer.json").read_bytes())
-    state = common.load_checkpoint(good_run / "ckpt.pt") | changes
+    state = run_files.load_checkpoint(good_run / "ckpt.pt") | changes
     torch.save({k: v for k, v in state.items() if v is not GONE}, out / "ckpt.pt")
     return out / "ckpt.pt"
 
 
 def one_line_error(args, main=train.main):
-    """main(args) as its command line runs it (common.run): exit status 1 and one line, "error: ..."."""
+    """main(args) as its command line runs it (cli.run): exit status 1 and one line, "error: ..."."""
     with pytest.raises(SystemExit) as stop:
-        common.run(main, args)
+        cli.run(main, args)
     line = stop.value.code
     assert isinstance(line, str) and line.startswith("error: ") and "\n" not in line, line
     return line
@@ -47,7 +50,7 @@ def test_a_planted_sharded_checkpoint_is_never_unpickled_without_fsdp(planted, g
     resume reads ckpt.pt only: a ckpt_dcp/ alone is one line saying how to resume it, one beside a
     ckpt.pt is not opened, and a ckpt.pt that says it was sharded is refused."""
     out, marker = tmp_path / "out", tmp_path / "was-run"
-    state = common.load_checkpoint(good_run / "ckpt.pt")
+    state = run_files.load_checkpoint(good_run / "ckpt.pt")
     sharded = {k: v for k, v in state.items() if k not in ("model", "optimizer", "distill_head")}
     sharded["train_config"] = state["train_config"] | {"fsdp": True}
     (out / "ckpt_dcp").mkdir(parents=True)
@@ -60,8 +63,8 @@ def test_a_planted_sharded_checkpoint_is_never_unpickled_without_fsdp(planted, g
         assert str(out / "ckpt_dcp") in line and "--fsdp=true" in line
     elif planted == "ckpt_dcp beside ckpt.pt":
         copy_run(good_run, out)
-        common.run(train.main, args)  # goes on from ckpt.pt
-        assert common.load_checkpoint(out / "ckpt.pt")["step"] == 2
+        cli.run(train.main, args)  # goes on from ckpt.pt
+        assert run_files.load_checkpoint(out / "ckpt.pt")["step"] == 2
     else:
         copy_run(good_run, out, train_config=state["train_config"] | {"fsdp": True})
         line = one_line_error(args)
@@ -110,7 +113,7 @@ def test_a_model_too_large_for_memory_is_refused_before_it_is_made(source, good_
         line = one_line_error(NANO + ["--max_steps=1", "--d_model=1000000", "--ffn_dim=1000000",
                                       f"--out_dir={tmp_path / 'out'}"])
     else:
-        state = common.load_checkpoint(good_run / "ckpt.pt")
+        state = run_files.load_checkpoint(good_run / "ckpt.pt")
         path = copy_run(good_run, tmp_path / "out", model_config=state["model_config"] | huge)
         line = one_line_error(["--init_from=resume", f"--out_dir={tmp_path / 'out'}"])
         assert str(path) in line
@@ -131,7 +134,7 @@ def test_a_bad_option_is_one_line_naming_it_before_anything_is_written(option, t
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()
     if option == "teacher_bench --batch=0":
-        from tools import teacher_bench
+        from distillation import teacher_bench
         line = one_line_error(["--device=cpu", "--preset=nano", "--vit=tiny", "--batch=0"], teacher_bench.main)
         assert "--batch" in line
         return
@@ -175,7 +178,7 @@ def huge_id_tokenizer(out):
 def test_a_checkpoint_with_unusable_resume_state_is_one_line_naming_the_file_and_key(key, change, good_run,
                                                                                       tmp_path):
     out = tmp_path / "out"
-    state = common.load_checkpoint(good_run / "ckpt.pt")
+    state = run_files.load_checkpoint(good_run / "ckpt.pt")
     path = copy_run(good_run, out, **(change(state) if change else {}))
     if key == "tokenizer.json":
         huge_id_tokenizer(out)
@@ -199,17 +202,17 @@ def test_ctrl_c_ends_a_run_with_one_line_and_what_it_finished_saved(good_run, tm
             os.kill(os.getpid(), signal.SIGINT)
         evaluations.append(args)
         return {"all": 0.0}
-    monkeypatch.setattr(train, "evaluate", interrupted)
+    monkeypatch.setattr(data, "evaluate", interrupted)
     with pytest.raises(SystemExit) as stop:
-        common.run(train.main, NANO + ["--max_steps=1", f"--out_dir={out}", f"--export={export}"])
+        cli.run(train.main, NANO + ["--max_steps=1", f"--out_dir={out}", f"--export={export}"])
     assert stop.value.code == 130
     assert f"stopped after step 1; saved: go on with python train.py --init_from=resume --out_dir={out}" \
         in capsys.readouterr().out
     assert not export.exists() and not (out / "results.json").exists()
-    assert common.load_checkpoint(out / "ckpt.pt")["step"] == 1
-    monkeypatch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})
+    assert run_files.load_checkpoint(out / "ckpt.pt")["step"] == 1
+    monkeypatch.setattr(data, "evaluate", lambda *args, **kwargs: {"all": 0.0})
     train.main(["--init_from=resume", f"--out_dir={out}"])  # the command it printed finishes the run
-    assert (export / weights.PANDA_CONFIG).is_file() and (out / "results.json").is_file()
+    assert (export / checkpoint_dirs.PANDA_CONFIG).is_file() and (out / "results.json").is_file()
 
     saved, step, save = (out / "ckpt.pt").read_bytes(), train.forward_backward, torch.save
 
@@ -224,7 +227,7 @@ def test_ctrl_c_ends_a_run_with_one_line_and_what_it_finished_saved(good_run, tm
     monkeypatch.setattr(train, "forward_backward", first_ctrl_c)
     monkeypatch.setattr(torch, "save", second_ctrl_c)
     with pytest.raises(SystemExit) as stop:
-        common.run(train.main, ["--init_from=resume", "--max_steps=3", f"--out_dir={out}"])
+        cli.run(train.main, ["--init_from=resume", "--max_steps=3", f"--out_dir={out}"])
     assert stop.value.code == 130 and "error: interrupted (Ctrl-C)" in capsys.readouterr().err
     assert (out / "run.lock").read_text() == ""
     assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == []

@@ -12,11 +12,14 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-import common
+from tools import cli
+
+from checkpoints import run_files
+import data
 import panda
 import sample
 import train
-import weights
+from checkpoints import checkpoint_dirs
 
 GOOD = [{"question_id": "q1", "video_name": "clip.mp4", "question": "what color is the circle?"},
         {"question_id": "q2", "video_name": "clip.mp4", "question": "how many objects are there?"},
@@ -28,7 +31,7 @@ def run(tmp_path_factory):
     """An out_dir with a nano checkpoint after one step and its tokenizer, and videos/clip.mp4."""
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "evaluate", lambda *args, **kwargs: {"all": 0.0})  # tested here instead
+        patch.setattr(data, "evaluate", lambda *args, **kwargs: {"all": 0.0})  # tested here instead
         train.main(["--preset=nano", "--device=cpu", "--max_steps=1", "--batch_size=2",
                     "--warmup_steps=1", "--eval_samples=1", "--questions_per_clip=1", f"--out_dir={out}"])
     frames = np.full((8, 32, 32, 3), 60, dtype=np.uint8)
@@ -50,9 +53,9 @@ def qa_args(run, folder, questions=GOOD):
 
 
 def exit_of(args):
-    """sample.py's main as its command line runs it (common.run): its exit status, or its line."""
+    """sample.py's main as its command line runs it (cli.run): its exit status, or its line."""
     with pytest.raises(SystemExit) as stop:
-        common.run(sample.main, args)
+        cli.run(sample.main, args)
     return stop.value.code
 
 
@@ -132,19 +135,19 @@ def test_an_impossible_option_is_one_line_naming_it_and_takes_no_memory(option, 
 def test_checkpoint_contents_that_would_change_the_answer_are_refused(case, run, tmp_path):
     """A template the script does not know would be swapped for another prompt; a tokenizer with ids
     past the embedding belongs to another model."""
-    state = common.load_checkpoint(run / "ckpt.pt")
-    tokenizer = common.read_tokenizer(run / "tokenizer.json")
+    state = run_files.load_checkpoint(run / "ckpt.pt")
+    tokenizer = run_files.read_tokenizer(run / "tokenizer.json")
     if case != "template":
         tokenizer.add_tokens([f"word{i}" for i in range(state["model_config"]["vocab_size"])])
     if case == "tokenizer of a directory":
-        model = common.build_model(state, run / "ckpt.pt", "cpu")
-        weights.save_pretrained(model, common.read_tokenizer(run / "tokenizer.json"), tmp_path / "export")
+        model = run_files.build_model(state, run / "ckpt.pt", "cpu")
+        checkpoint_dirs.save_pretrained(model, run_files.read_tokenizer(run / "tokenizer.json"), tmp_path / "export")
         tokenizer.save(str(tmp_path / "export" / "tokenizer.json"))  # then another model's beside it
         args = [f"--init_from={tmp_path / 'export'}"]
         file, expected = tmp_path / "export" / "tokenizer.json", "token ids go up to"
     else:
         changed = {"template": "chatml"} if case == "template" else {}
-        common.save_checkpoint(tmp_path / "ckpt.pt", state | changed)
+        run_files.save_checkpoint(tmp_path / "ckpt.pt", state | changed)
         tokenizer.save(str(tmp_path / "tokenizer.json"))
         args = [f"--out_dir={tmp_path}"]
         file, expected = {"template": (tmp_path / "ckpt.pt", "its template 'chatml' is none of"),

@@ -1,4 +1,4 @@
-"""Video and annotation files someone hands you (video.py): a header that declares a huge picture,
+"""Video and annotation files someone hands you (real_video/video_files.py): a header that declares a huge picture,
 video names that leave --video_folder, frame cache entries and folders that are not what the run
 wrote, annotation files that are not UTF-8 JSON, and questions that cannot be answered as asked.
 Each is a VideoError or AnnotationError of one line naming the file, the sample or the option, and
@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import common
+from checkpoints import run_files
 import data
-import video
+from real_video import video_files
 from panda import PandaConfig, VideoPanda
-from video import AnnotationError, VideoError
+from real_video.video_files import AnnotationError, VideoError
 
 NANO = PandaConfig.preset("nano")  # 4 frames of 32 px, centre-cropped, a context of 256 tokens
 
@@ -48,13 +48,13 @@ def qa_files(folder, questions):
 
 
 def qa_dataset(folder, questions, cfg=NANO, **options):
-    return video.VideoQADataset(*qa_files(folder, questions), folder, data.build_tokenizer(), cfg, **options)
+    return video_files.VideoQADataset(*qa_files(folder, questions), folder, data.build_tokenizer(), cfg, **options)
 
 
 def policy(items, on_error):
     """What sample.py --eval does with a batch of these items: (the batch, the skip messages)."""
-    batch, skipped = video.collate_video_batch(items), []
-    video.apply_error_policy(batch, on_error, skipped)
+    batch, skipped = video_files.collate_video_batch(items), []
+    video_files.apply_error_policy(batch, on_error, skipped)
     return batch, skipped
 
 
@@ -76,9 +76,9 @@ def test_a_huge_declared_picture_is_refused_before_decoding_and_skippable(tmp_pa
     bomb = huge_canvas_gif(tmp_path / "bomb.gif")
     assert bomb.stat().st_size == 269
     for decoder in ("decode_by_seeking", "decode_in_order"):  # never let a test allocate the canvas
-        monkeypatch.setattr(video, decoder, lambda *args: pytest.fail("the huge picture was decoded"))
+        monkeypatch.setattr(video_files, decoder, lambda *args: pytest.fail("the huge picture was decoded"))
     with pytest.raises(VideoError, match=rf"{re.escape(str(bomb))}: .*16000x16000 picture .*67 Mpx"):
-        video.read_video(bomb, 4)
+        video_files.read_video(bomb, 4)
     dataset = qa_dataset(tmp_path, [("q0", "bomb.gif", "what color is the circle ?")], on_error="skip")
     batch, skipped = policy([dataset[0]], "skip")
     assert batch["videos"] is None and len(skipped) == 1
@@ -90,7 +90,7 @@ def test_a_huge_declared_picture_is_refused_before_decoding_and_skippable(tmp_pa
         raise MemoryError("Unable to allocate 5.72 GiB for an array")  # as numpy says it
     monkeypatch.setattr(np, "stack", out_of_memory)
     with pytest.raises(VideoError, match=rf"{re.escape(str(clip))}: out of memory while decoding it"):
-        video.read_video(clip, 4)
+        video_files.read_video(clip, 4)
 
 
 # --------------------------------------------------------------------------- names that leave the folder
@@ -149,7 +149,7 @@ def test_a_frame_cache_entry_or_folder_that_is_not_as_written_is_named(tmp_path,
     if fault == "a full disk":
         def disk_full(path, write):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        monkeypatch.setattr(common, "write_atomically", disk_full)
+        monkeypatch.setattr(run_files, "write_atomically", disk_full)
         message = (rf"{re.escape(str(entry))}: cannot write .*No space left"
                    rf".*--frame_cache={re.escape(str(cache))} ")
     else:
@@ -182,9 +182,9 @@ def test_an_annotation_file_that_is_not_utf8_json_is_one_line_naming_it(tmp_path
     tokenizer = data.build_tokenizer()
     with pytest.raises(AnnotationError) as error:
         if which == "instructions.json":
-            video.VideoInstructionDataset(tmp_path / which, tmp_path, tokenizer, NANO)
+            video_files.VideoInstructionDataset(tmp_path / which, tmp_path, tokenizer, NANO)
         else:
-            video.VideoQADataset(tmp_path / "q.json", tmp_path / "a.json", tmp_path, tokenizer, NANO)
+            video_files.VideoQADataset(tmp_path / "q.json", tmp_path / "a.json", tmp_path, tokenizer, NANO)
     line = str(error.value)
     assert "\n" not in line and re.match(rf"{re.escape(str(tmp_path / which))}: {problem}", line), line
 

@@ -1,4 +1,4 @@
-"""inference.fuse: the decoder with q/k/v and gate/up each one matmul, and o and down split for one token,
+"""fast_inference.fuse: the decoder with q/k/v and gate/up each one matmul, and o and down split for one token,
 computes the plain decoder's function: the same logits up to rounding and the same greedy tokens, for
 Llama-style heads, grouped-query attention with q/k/v biases (Qwen2) and a head_dim of its own (Mistral)."""
 
@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-import inference
+from gpu_speed import fast_inference
 from panda import VIDEO_PLACEHOLDER, PandaConfig, VideoPanda
 
 
@@ -19,7 +19,7 @@ def test_the_fused_decoder_gives_the_same_logits_and_greedy_tokens(overrides):
         for p in model.decoder.parameters():  # the init's zero biases would hide a misplaced one
             p.normal_(0, 0.2)
     plain_state = copy.deepcopy(model.state_dict())
-    fused = inference.fuse(copy.deepcopy(model))
+    fused = fast_inference.fuse(copy.deepcopy(model))
     g = torch.Generator().manual_seed(1)
     videos = torch.randn(2, 4, 3, 32, 32, generator=g)
     ids = torch.randint(0, 64, (2, 9), generator=g)
@@ -38,7 +38,7 @@ def test_the_fused_decoder_gives_the_same_logits_and_greedy_tokens(overrides):
 def test_a_split_product_is_the_linears_product(bias):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=bias)
-    split = inference.SplitLinear(linear)
+    split = fast_inference.SplitLinear(linear)
     one, many = torch.randn(1, 1, 96), torch.randn(2, 3, 96)
     with torch.no_grad():
         want = linear(one)
@@ -54,7 +54,7 @@ def test_the_compiled_decode_step_splits_o_and_down_and_keeps_the_greedy_tokens(
     with torch.no_grad():
         for p in model.decoder.parameters():
             p.normal_(0, 0.2)
-    fused = inference.fuse(copy.deepcopy(model))
+    fused = fast_inference.fuse(copy.deepcopy(model))
     graphs = []
     fused.decode_step = torch.compile(fused.decode_step, backend=lambda gm, _: graphs.append(gm) or gm.forward,
                                       fullgraph=True)
@@ -71,13 +71,13 @@ def test_the_tuner_is_sent_to_the_kernels_gpu_time(monkeypatch):
     asked = []
     monkeypatch.setattr(CachingAutotuner, "bench", lambda self, launcher, *args, with_profiler=False, **kwargs:
                         asked.append(with_profiler) or 1.0)
-    inference.tune_on_kernel_time()  # monkeypatch puts inductor's own bench back afterwards
+    fast_inference.tune_on_kernel_time()  # monkeypatch puts inductor's own bench back afterwards
     assert CachingAutotuner.bench(None, None) == 1.0 and asked == [True]
 
 
 def test_the_decode_options_are_settings_the_compiler_knows():
     # Without a GPU the decode step is never compiled here: a misspelt option would only fail on one.
-    with torch._inductor.config.patch(inference.DECODE_OPTIONS):
+    with torch._inductor.config.patch(fast_inference.DECODE_OPTIONS):
         assert torch._inductor.config.realize_acc_reads_threshold == 1
     with pytest.raises((AttributeError, KeyError)):
         with torch._inductor.config.patch({"realize_acc_read_threshold": 1}):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig, VideoPanda, pack_left
+from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig, VideoPanda
+from real_video.letterbox_tokens import pack_left
 
 
 def nano(**overrides):

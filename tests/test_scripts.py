@@ -13,13 +13,15 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import common
+from tools import cli
+
+from checkpoints import run_files
 import data
 import sample
 import train
-import video
-import weights
-from tools import random_export
+from real_video import video_files
+from checkpoints import checkpoint_dirs
+from checkpoints import random_export
 
 ROOT = Path(__file__).resolve().parents[1]
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
@@ -93,17 +95,17 @@ def test_corrupt_video_exits_with_one_line_naming_the_file(synthetic_run, videos
 
 def test_missing_video_and_missing_question_are_clean_errors(synthetic_run, videos):
     with pytest.raises(SystemExit, match=r"error: .*nowhere\.mp4: no such file"):
-        common.run(sample.main, [f"--out_dir={synthetic_run}", "--video=nowhere.mp4", "--question=q", "--device=cpu"])
+        cli.run(sample.main, [f"--out_dir={synthetic_run}", "--video=nowhere.mp4", "--question=q", "--device=cpu"])
     with pytest.raises(SystemExit, match="--question is required"):
-        common.run(sample.main, [f"--out_dir={synthetic_run}", f"--video={videos / 'red.mp4'}", "--device=cpu"])
+        cli.run(sample.main, [f"--out_dir={synthetic_run}", f"--video={videos / 'red.mp4'}", "--device=cpu"])
 
 
 def test_synthetic_run_resumes_exactly(synthetic_run, tmp_path):
     """Two steps, or one step and a resumed one: the same weights, bit for bit (the stream is index-based)."""
     train.main(NANO + ["--max_steps=1", f"--out_dir={tmp_path}"])
     train.main([f"--out_dir={tmp_path}", "--init_from=resume", "--max_steps=2"])
-    whole = common.load_checkpoint(synthetic_run / "ckpt.pt")
-    parts = common.load_checkpoint(tmp_path / "ckpt.pt")
+    whole = run_files.load_checkpoint(synthetic_run / "ckpt.pt")
+    parts = run_files.load_checkpoint(tmp_path / "ckpt.pt")
     assert parts["data_place"] == whole["data_place"] == [8]
     assert all(torch.equal(whole["model"][name], parts["model"][name]) for name in whole["model"])
 
@@ -153,7 +155,7 @@ def test_eval_that_answers_nothing_fails_and_leaves_the_predictions_file_as_it_w
     pred_out.write_text("[{\"a good\": \"earlier result\"}]")
     args = write_qa_files(tmp_path, videos)
     with pytest.raises(SystemExit, match="error: .*not one of its 4 questions could be answered .*is left as it was"):
-        common.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={pred_out}", "--on_error=skip",
+        cli.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={pred_out}", "--on_error=skip",
                                  "--overwrite=true", "--num_workers=0", "--device=cpu", *args[:2],
                                  f"--video_folder={videos / 'none'}"])
     assert pred_out.read_text() == "[{\"a good\": \"earlier result\"}]"
@@ -170,14 +172,14 @@ def test_eval_refuses_bad_inputs_before_answering_anything(bad, synthetic_run, v
     expected = {"empty": "no questions to answer", "the question file": "is one of the input files",
                 "a directory": "is a directory", "under a file": "cannot be written"}[bad]
     with pytest.raises(SystemExit, match=expected):
-        common.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={pred_out}", "--num_workers=0",
+        cli.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={pred_out}", "--num_workers=0",
                                  "--device=cpu", *args])
     assert (tmp_path / "q.json").read_text() == before
 
 
 def test_eval_on_error_raise_names_the_missing_video(synthetic_run, videos, tmp_path):
     with pytest.raises(SystemExit, match=r"error: sample 'q4': video 'ghost' resolves to no file"):
-        common.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={tmp_path / 'p.json'}", "--batch_size=4",
+        cli.run(sample.main, [f"--out_dir={synthetic_run}", f"--pred_out={tmp_path / 'p.json'}", "--batch_size=4",
                     "--num_workers=0", "--max_new_tokens=2", "--device=cpu"] + write_qa_files(tmp_path, videos))
     assert not (tmp_path / "p.json").exists()  # no predictions are written for a run that stopped
 
@@ -210,7 +212,7 @@ def tiny_llm(tmp_path_factory):
     """A random 2-layer Llama of width 64, written by transformers, with a tokenizer.json beside it."""
     transformers = pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("tiny-llama")
-    texts = [video.VICUNA_V1.system, video.VIDEOPANDA_V1.system, "USER: ASSISTANT:"]
+    texts = [video_files.VICUNA_V1.system, video_files.VIDEOPANDA_V1.system, "USER: ASSISTANT:"]
     texts += [turn["value"] for e in instruction_entries() for turn in e["conversations"]]
     tokenizer = word_tokenizer(texts)
     torch.manual_seed(0)
@@ -237,13 +239,13 @@ def pretrained_run(llm, out, *options):
     train.main([f"--init_from={llm}", "--preset=nano", "--letterbox=true", "--device=cpu", "--batch_size=2",
                 "--grad_accum=1", "--max_steps=2", "--num_workers=0", "--save_every=1000", "--eval_every=1",
                 f"--seed={SEED}", f"--out_dir={out}", *options])
-    return common.load_checkpoint(out / "ckpt.pt")
+    return run_files.load_checkpoint(out / "ckpt.pt")
 
 
 def initial_model(llm):
     """The model train.py starts from: it seeds with --seed before making the fresh STAB."""
     torch.manual_seed(SEED)
-    model, _ = weights.from_pretrained(llm, dtype=torch.float32, preset="nano", letterbox=True)
+    model, _ = checkpoint_dirs.from_pretrained(llm, dtype=torch.float32, preset="nano", letterbox=True)
     return model.state_dict()
 
 
@@ -301,7 +303,7 @@ def test_real_data_resumes_at_its_epoch_and_position(tiny_llm, instructions, tmp
     pretrained_run(tiny_llm, tmp_path / "parts", "--stage=prealign", "--on_error=skip", "--max_steps=1",
                    *instructions)
     train.main([f"--out_dir={tmp_path / 'parts'}", "--init_from=resume", "--max_steps=2"])
-    parts = common.load_checkpoint(tmp_path / "parts" / "ckpt.pt")
+    parts = run_files.load_checkpoint(tmp_path / "parts" / "ckpt.pt")
     assert parts["data_place"] == whole["data_place"]
     assert not changed(whole["model"], parts["model"])
 
@@ -375,6 +377,6 @@ def test_real_data_distils_from_a_vit_teacher_and_resumes(tiny_llm, instructions
     assert ckpt["train_config"]["distill"] == "vit" and ckpt["distill_head"]["input_layer.weight"].shape == (32, 64)
     assert f"distillation vit ({teacher})" in capsys.readouterr().out
     train.main([f"--out_dir={out}", "--init_from=resume", "--max_steps=3"])
-    assert common.load_checkpoint(out / "ckpt.pt")["step"] == 3
+    assert run_files.load_checkpoint(out / "ckpt.pt")["step"] == 3
     with pytest.raises(ValueError, match="--teacher=DIR is the ViT that distils on real data"):
         train.main(NANO + [f"--teacher={teacher}", f"--out_dir={tmp_path / 'synthetic'}"])

@@ -1,6 +1,6 @@
-"""Tests of the ViT teacher (distill.ViT, ViTTeacher, vit_teacher), of how its patches pair with the
+"""Tests of the ViT teacher (teachers.ViT, ViTTeacher, vit_teacher), of how its patches pair with the
 student's LSD cells on letterboxed clips, of loading the release's distillation head, and a smoke run
-of tools/teacher_bench.py. transformers is the reference: it writes the checkpoints and computes the
+of distillation/teacher_bench.py. transformers is the reference: it writes the checkpoints and computes the
 features the teacher must reproduce."""
 
 import json
@@ -10,12 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import common
+from tools import cli
+
+from checkpoints import run_files
 from checkpoint_files import write_bin
-import distill
-import video
-from distill import DistillHead, ViT, ViTConfig, distill_loss, valid_patches
-from panda import STAB, VIDEO_PLACEHOLDER, PandaConfig, VideoPanda
+from distillation import teachers
+from real_video import letterbox_tokens, video_files
+from distillation.teachers import DistillHead, ViT, ViTConfig, distill_loss, valid_patches
+from panda import VIDEO_PLACEHOLDER, PandaConfig, VideoPanda
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,7 +93,7 @@ def test_teacher_features_are_hugging_faces_hidden_states_minus_2(layout, act, t
     """fp32 on both sides, the same operations in another order: rounding differences of ~1e-6
     relative, far below 1e-4; a wrong layer, activation, norm or patch order is off by far more."""
     hf = hf_vision(act)
-    teacher, dim = distill.make_teacher("vit", NANO, path=save(hf, tmp_path, layout))
+    teacher, dim = teachers.make_teacher("vit", NANO, path=save(hf, tmp_path, layout))
     frames = random_frames()
     features = teacher(batch_of(frames))
     assert dim == 32 and features.shape == (2, 4, 2, 2, 32) and features.dtype == torch.float32
@@ -102,10 +104,10 @@ def test_teacher_features_are_hugging_faces_hidden_states_minus_2(layout, act, t
 
 
 def test_teacher_is_frozen_outside_autograd_and_autocast(tmp_path):
-    teacher, _ = distill.make_teacher("vit", NANO, path=save(hf_vision(), tmp_path, "vision, safetensors"))
+    teacher, _ = teachers.make_teacher("vit", NANO, path=save(hf_vision(), tmp_path, "vision, safetensors"))
     assert not isinstance(teacher, torch.nn.Module)  # so no model, head, optimizer or wrapper can take it in
     assert not teacher.vit.training and not any(p.requires_grad for p in teacher.vit.parameters())
-    assert distill.teacher_dtype("cuda") == torch.bfloat16 and distill.teacher_dtype("cpu") == torch.float32
+    assert teachers.teacher_dtype("cuda") == torch.bfloat16 and teachers.teacher_dtype("cpu") == torch.float32
     batch = batch_of(random_frames())
     features = teacher(batch)
     assert not features.requires_grad
@@ -133,16 +135,15 @@ def test_student_valid_cells_are_the_teachers_valid_patches(height, width):
     student and at 224 px in 14-px patches for the teacher. The teacher's valid box is exactly half the
     student's, so the teacher keeps (avg_pool(mask, 14) == 1) the patches of the student's valid cells."""
     frames = np.random.default_rng(0).integers(0, 256, (2, height, width, 3), dtype=np.uint8)
-    student, teacher = video.letterbox(frames, 448, 14, 2)[None], video.letterbox(frames, 224, 14, 1)[None]
+    student, teacher = video_files.letterbox(frames, 448, 14, 2)[None], video_files.letterbox(frames, 224, 14, 1)[None]
     assert torch.equal(student[:, :, 3, ::2, ::2], teacher[:, :, 3])  # the box, pixel for pixel
-    stab = STAB(PandaConfig.preset("paper", stab_dim=16, stab_heads=2))  # the paper's geometry, a narrow STAB
-    cells = stab.valid_cells(student, 16)  # None: every cell
+    cells = letterbox_tokens.valid_cells(student, 16)  # the paper's 16 x 16 grid; None: every cell
     cells = torch.ones(1, 16, 16, dtype=torch.bool) if cells is None else cells
     patches = valid_patches(teacher, 14)
     assert torch.equal(cells, patches)
     rows, columns = int(patches.any(2).sum()), int(patches.any(1).sum())
     assert (rows < 16) == (width > height) and (columns < 16) == (height > width)  # the padded side
-    distill.check_pairing(student, teacher, PandaConfig.preset("paper"), 14)
+    teachers.check_pairing(student, teacher, PandaConfig.preset("paper"), 14)
 
 
 def test_a_patch_counts_only_when_wholly_inside_the_box_in_every_frame():
@@ -158,18 +159,18 @@ def test_a_clip_flipped_without_its_teacher_frames_is_refused():
     """A portrait clip 9 blocks wide pads 3 blocks left and 4 right: flipping moves its box by one cell.
     (The release flips the student and teacher frames independently.)"""
     frames = np.zeros((1, 160, 90, 3), dtype=np.uint8)
-    student, teacher = video.letterbox(frames, 448, 14, 2)[None], video.letterbox(frames, 224, 14, 1)[None]
+    student, teacher = video_files.letterbox(frames, 448, 14, 2)[None], video_files.letterbox(frames, 224, 14, 1)[None]
     cfg = PandaConfig.preset("paper")
-    distill.check_pairing(student.flip(-1), teacher.flip(-1), cfg, 14)  # flipped together: fine
+    teachers.check_pairing(student.flip(-1), teacher.flip(-1), cfg, 14)  # flipped together: fine
     with pytest.raises(ValueError, match=r"video 0 of the batch: the teacher's letterbox \(rows 0-15, columns 3-11\) "
                                          r"is not the student's \(rows 0-15, columns 4-12\).*flipped together"):
-        distill.check_pairing(student.flip(-1), teacher, cfg, 14)
+        teachers.check_pairing(student.flip(-1), teacher, cfg, 14)
 
 
 def test_distillation_with_the_vit_teacher_on_a_letterboxed_clip(tmp_path):
     """End to end on the nano model: a landscape clip whose bottom row is padding beside a square one.
     The loss ignores the teacher's features outside the box, and its gradient reaches the STAB."""
-    teacher, dim = distill.make_teacher("vit", NANO, path=save(hf_vision(), tmp_path, "vision, safetensors"))
+    teacher, dim = teachers.make_teacher("vit", NANO, path=save(hf_vision(), tmp_path, "vision, safetensors"))
     torch.manual_seed(0)
     model = VideoPanda(NANO).train()
     with torch.no_grad():  # wake the zero-initialised outputs (GSTRA, LSTE) so that gradient flows through them
@@ -200,9 +201,9 @@ def test_languagebinds_video_tower_is_refused(tmp_path):
     state["vision_model.encoder.layers.0.temporal_attn.q_proj.weight"] = torch.zeros(32, 32)
     hf_vision().config.save_pretrained(tmp_path)
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(common.CheckpointError, match=r"model.safetensors: 'vision_model.encoder.layers.0.temporal_.*"
+    with pytest.raises(run_files.CheckpointError, match=r"model.safetensors: 'vision_model.encoder.layers.0.temporal_.*"
                                                      r"temporal attention across frames.*an image tower"):
-        distill.make_teacher("vit", NANO, path=tmp_path)
+        teachers.make_teacher("vit", NANO, path=tmp_path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -225,29 +226,29 @@ def test_bad_checkpoints_name_the_file_and_the_key(change, message, tmp_path):
         state[key] = torch.zeros(32, 31)
     hf.config.save_pretrained(tmp_path)
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(common.CheckpointError, match=message):
-        distill.make_teacher("vit", NANO, path=tmp_path)
+    with pytest.raises(run_files.CheckpointError, match=message):
+        teachers.make_teacher("vit", NANO, path=tmp_path)
 
 
 def test_bad_teacher_setups_say_what_is_wrong(tmp_path):
     with pytest.raises(ValueError, match="--distill=vit needs --teacher=DIR"):
-        distill.make_teacher("vit", NANO)
+        teachers.make_teacher("vit", NANO)
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        distill.make_teacher("vit", NANO, path=tmp_path)
+        teachers.make_teacher("vit", NANO, path=tmp_path)
     path = save(hf_vision(), tmp_path / "tiny", "vision, safetensors")
     with pytest.raises(ValueError, match=r"16-px frames in 8-px patches make a 2x2 grid, the student's LSD grid "
                                          r"is 3x3"):
-        distill.make_teacher("vit", PandaConfig.preset("tiny"), path=path)
+        teachers.make_teacher("vit", PandaConfig.preset("tiny"), path=path)
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"vision_config": dict(TINY, image_size=20)}))
-    with pytest.raises(common.CheckpointError, match=r"odd/config.json: not a CLIP vision config: .*image 20, patch 8"):
-        distill.make_teacher("vit", NANO, path=tmp_path / "odd")
-    teacher, _ = distill.make_teacher("vit", NANO, path=path)
+    with pytest.raises(run_files.CheckpointError, match=r"odd/config.json: not a CLIP vision config: .*image 20, patch 8"):
+        teachers.make_teacher("vit", NANO, path=tmp_path / "odd")
+    teacher, _ = teachers.make_teacher("vit", NANO, path=path)
     with pytest.raises(ValueError, match=r"batch\['teacher_videos'\], \(B, T, 4, 16, 16\) from a dataset made with "
                                          r"teacher_size=16; found none"):
         teacher({"videos": torch.zeros(1, 4, 3, 32, 32)})
     with pytest.raises(SystemExit, match=r"^error: .*odd/config.json: not a CLIP vision config"):  # one line
-        common.run(lambda argv: distill.make_teacher("vit", NANO, path=tmp_path / "odd"), [])
+        cli.run(lambda argv: teachers.make_teacher("vit", NANO, path=tmp_path / "odd"), [])
 
 
 # --------------------------------------------------------------------------- the release's head
@@ -274,15 +275,15 @@ def test_release_head_loads_into_distill_head(tmp_path):
     assert len([k for k in state if k.startswith("model.video_tower_compressor.norm_layer.8.1")]) == 1  # 9 taps
     path = write_bin(state, tmp_path / "release", shards=2)
     head = DistillHead(RELEASE_CFG, 16)
-    distill.load_release_head(head, path)
+    teachers.load_release_head(head, path)
     for name, tensor in head.state_dict().items():
         assert torch.equal(tensor, state[f"model.video_tower_compressor.{name}"].float()), name
     # a head for a decoder of other depth has other taps
-    with pytest.raises(common.CheckpointError, match=r"unexpected key 'model.video_tower_compressor.norm_layer.8"):
-        distill.load_release_head(DistillHead(PandaConfig.preset("nano", n_layers=28), 16), path)
-    with pytest.raises(common.CheckpointError, match=r"release: 3 tensor\(s\) of the distillation head are not in "
+    with pytest.raises(run_files.CheckpointError, match=r"unexpected key 'model.video_tower_compressor.norm_layer.8"):
+        teachers.load_release_head(DistillHead(PandaConfig.preset("nano", n_layers=28), 16), path)
+    with pytest.raises(run_files.CheckpointError, match=r"release: 3 tensor\(s\) of the distillation head are not in "
                                                      r"the checkpoint, e.g. \['norm_layer.9.0.weight'"):
-        distill.load_release_head(DistillHead(PandaConfig.preset("nano", n_layers=36), 16), path)
+        teachers.load_release_head(DistillHead(PandaConfig.preset("nano", n_layers=36), 16), path)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -298,14 +299,14 @@ def test_release_head_errors_name_the_key(change, message, tmp_path):
         del state[key]
     else:
         state[key] = torch.zeros(3, 3)
-    with pytest.raises(common.CheckpointError, match=message):
-        distill.load_release_head(DistillHead(RELEASE_CFG, 16), write_bin(state, tmp_path / "release", shards=1))
+    with pytest.raises(run_files.CheckpointError, match=message):
+        teachers.load_release_head(DistillHead(RELEASE_CFG, 16), write_bin(state, tmp_path / "release", shards=1))
 
 
-# --------------------------------------------------------------------------- tools/teacher_bench.py
+# --------------------------------------------------------------------------- distillation/teacher_bench.py
 
 def test_teacher_bench_smoke_run(tmp_path):
-    from tools import teacher_bench
+    from distillation import teacher_bench
     out = tmp_path / "teacher.json"
     teacher_bench.main(["--device=cpu", "--preset=nano", "--vit=tiny", "--batch=2", "--warmup=0", "--steps=1",
                         f"--json={out}"])

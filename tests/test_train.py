@@ -1,15 +1,17 @@
 """train.py's pieces: --key=value parsing, the learning-rate schedule, token-normalised accumulation,
-and that the model can fit one batch."""
+that the model can fit one batch, that every trainable weight is in an optimizer group and that
+every option is sorted for resuming."""
 
 import math
-from dataclasses import replace
+from dataclasses import make_dataclass, replace
 
 import pytest
 import torch
 
 import data
+from checkpoints import run_files
 from panda import IGNORE_INDEX, PandaConfig, VideoPanda
-from common import parse_args
+from tools.cli import field_comments, parse_args
 from train import TrainConfig, lr_at
 
 
@@ -90,3 +92,45 @@ def test_a_run_says_how_long_it_will_take_and_how_to_read_its_accuracies(tmp_pat
     minutes = [line for line in out.splitlines() if line.endswith("more minutes of training")]
     assert len(minutes) == 1 and float(minutes[0].split()[1]) >= 0
     assert "held-out: (shape, colour) pairs training never showed" in out and "shuffled:" in out
+
+
+def with_an_adapter(model):
+    """A --model_hook that adds a module outside the STAB, projector and decoder."""
+    model.adapter = torch.nn.Linear(4, 4)
+    return model
+
+
+def test_a_trainable_parameter_in_no_optimizer_group_is_an_error_naming_it(tmp_path):
+    """make_optimizer gives the STAB, projector, decoder and head their rates; a module a hook adds
+    elsewhere would silently never train, so the run stops before it starts, naming its weights.
+    Frozen, the same module is fine."""
+    import train
+    args = ["--preset=nano", "--device=cpu", "--max_steps=1", "--eval_samples=2", "--save_every=0",
+            f"--out_dir={tmp_path}", "--model_hook=tests.test_train.with_an_adapter"]
+    with pytest.raises(ValueError, match=r"^adapter\.weight, adapter\.bias: trainable "
+                                         r"\(requires_grad\) but in no optimizer group"):
+        train.main(args)
+    assert not (tmp_path / "ckpt.pt").exists()
+    tokenizer = data.build_tokenizer()
+    cfg = PandaConfig.preset("nano", vocab_size=tokenizer.get_vocab_size())
+    model = with_an_adapter(VideoPanda(cfg))
+    model.adapter.requires_grad_(False)
+    train.make_optimizer(model, TrainConfig(), True, None)
+
+
+def test_every_train_option_is_sorted_into_resumable_or_fixed():
+    """Whether a resumed run may change an option is decided for each one: an option in neither set
+    (or in both) stops train.py as it is imported, naming it."""
+    import train
+    run_files.check_sorted(TrainConfig, train.RESUMABLE, train.FIXED)
+    later = make_dataclass("Later", [("label_smoothing", float, 0.0)], bases=(TrainConfig,))
+    with pytest.raises(TypeError, match="in RESUMABLE or FIXED .*: label_smoothing$"):
+        run_files.check_sorted(later, train.RESUMABLE, train.FIXED)
+
+
+def test_a_comment_over_two_lines_is_the_options_whole_help():
+    comments = field_comments(TrainConfig)
+    assert comments["preset"] == ("model size: nano, tiny or paper (panda.PRESETS); any "
+                                  "PandaConfig field also works")
+    assert comments["out_dir"] == "ckpt.pt, tokenizer.json and results.json go here"  # its own only
+    assert comments["seed"] == "the fresh weights and the data order"  # not the section heading

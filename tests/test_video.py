@@ -1,8 +1,8 @@
-"""Real video files, frame sampling, letterbox geometry and the QA / instruction datasets (video.py).
+"""Real video files, frame sampling, letterbox geometry and the QA / instruction datasets (real_video/video_files.py).
 
 The four real clips live in ../shared/data/videos (facts in its SOURCES.md); every other file is
 written by the tests into tmp_path with PyAV. The reference for every decoded frame is a plain
-front-to-back decode (front_to_back below), which shares no code with video.py.
+front-to-back decode (front_to_back below), which shares no code with real_video/video_files.py.
 """
 
 import functools
@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-import video
+from real_video import video_files
 from data import CLIP_MEAN, CLIP_STD, conversation_pieces, normalize_frames
 from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig
-from video import AnnotationError, VideoError
+from real_video.video_files import AnnotationError, VideoError
 
 VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 
@@ -57,7 +57,7 @@ def real_clip(name):
 @functools.lru_cache(maxsize=None)
 def decoded_real_clip(name):
     """Each real clip is decoded once per test run."""
-    return video.read_video(real_clip(name), 8)
+    return video_files.read_video(real_clip(name), 8)
 
 
 # --- writing test clips, and the reference decoder ------------------------------------------
@@ -167,7 +167,7 @@ def geometry(size, letterbox=True):
 @pytest.mark.parametrize("name", REAL_CLIPS)
 def test_real_clip_frame_count_and_rate(name):
     n_total, n_header, fps, _ = REAL_CLIPS[name]
-    info = video.probe_video(real_clip(name))
+    info = video_files.probe_video(real_clip(name))
     assert (info["n_total"], info["n_header"], info["n_expected"]) == (n_total, n_header, n_total)
     assert info["fps"] == pytest.approx(fps)
     assert info["decoding"] == ("front to back: gif frames paint over the previous ones" if name.endswith(".gif")
@@ -177,7 +177,7 @@ def test_real_clip_frame_count_and_rate(name):
 @pytest.mark.parametrize("name", REAL_CLIPS)
 def test_real_clip_sampled_frames_are_those_of_a_front_to_back_decode(name):
     n_total, _, fps, indices = REAL_CLIPS[name]
-    assert video.sample_frame_indices(n_total, fps, 8) == indices
+    assert video_files.sample_frame_indices(n_total, fps, 8) == indices
     frames, info = decoded_real_clip(name)
     assert info["indices"] == indices and info["n_total"] == n_total
     height, width = (150, 200) if name.endswith(".gif") else (720, 1280)
@@ -205,7 +205,7 @@ def test_webm_black_first_frame_is_sampled_as_the_rule_says():
 def test_real_clip_letterbox_tokens():
     for name, tokens in (("cockatoo.mp4", 154), ("newtonscradle.gif", 205)):  # 16:9 and 4:3
         frames, _ = decoded_real_clip(name)
-        clip = video.letterbox(frames)
+        clip = video_files.letterbox(frames)
         assert clip.shape == (8, 4, 448, 448) and clip.dtype == torch.float32
         assert visual_token_count(clip[0, 3]) == tokens
 
@@ -213,27 +213,27 @@ def test_real_clip_letterbox_tokens():
 # --- frame sampling -------------------------------------------------------------------------
 
 def test_sampling_rule_branches():
-    assert video.sample_frame_indices(300, 30, 8) == [0, 30, 60, 90, 150, 180, 210, 270]  # linspace(0, 9, 8) = 0 1 2 3 5 6 7 9
-    assert video.sample_frame_indices(200, 25, 8) == list(range(0, 200, 25))  # exactly 8 candidates
-    assert video.sample_frame_indices(10, 30, 8) == list(range(8))  # stride max(1, 9 // 7) = 1
-    assert video.sample_frame_indices(57, 30, 8) == [0, 8, 16, 24, 32, 40, 48, 56]
+    assert video_files.sample_frame_indices(300, 30, 8) == [0, 30, 60, 90, 150, 180, 210, 270]  # linspace(0, 9, 8) = 0 1 2 3 5 6 7 9
+    assert video_files.sample_frame_indices(200, 25, 8) == list(range(0, 200, 25))  # exactly 8 candidates
+    assert video_files.sample_frame_indices(10, 30, 8) == list(range(8))  # stride max(1, 9 // 7) = 1
+    assert video_files.sample_frame_indices(57, 30, 8) == [0, 8, 16, 24, 32, 40, 48, 56]
 
 
 def test_sampling_short_clips_repeat_frames_in_order():
-    assert video.sample_frame_indices(3, 30, 8) == [0, 0, 0, 1, 1, 2, 2, 2]
-    assert video.sample_frame_indices(1, 30, 8) == [0] * 8  # the release divides by zero here
+    assert video_files.sample_frame_indices(3, 30, 8) == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert video_files.sample_frame_indices(1, 30, 8) == [0] * 8  # the release divides by zero here
     for n in range(1, 8):
-        indices = video.sample_frame_indices(n, 10, 8)
+        indices = video_files.sample_frame_indices(n, 10, 8)
         assert indices == sorted(indices) and set(indices) == set(range(n))
 
 
 def test_sampling_guards_odd_frame_rates():
     # fps < 0.5 gave the release a range() step of 0; stride 1 makes every frame a candidate
-    assert video.sample_frame_indices(15, 0.3, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
-    assert video.sample_frame_indices(15, 0.0, 8) == video.sample_frame_indices(15, float("nan"), 8)
+    assert video_files.sample_frame_indices(15, 0.3, 8) == [0, 2, 4, 6, 8, 10, 12, 14]
+    assert video_files.sample_frame_indices(15, 0.0, 8) == video_files.sample_frame_indices(15, float("nan"), 8)
     for n in (8, 9, 50, 333, 1000):
         for fps in (0.1, 1, 7.5, 24, 29.97, 60, 1000):
-            indices = video.sample_frame_indices(n, fps, 8)
+            indices = video_files.sample_frame_indices(n, fps, 8)
             assert len(indices) == 8 and indices == sorted(indices) and 0 <= indices[0] and indices[-1] < n
 
 
@@ -262,9 +262,9 @@ def seekable_clips(tmp_path_factory):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_seeking_gives_the_frames_of_a_front_to_back_decode(seekable_clips, name, threads):
     path = seekable_clips[name]
-    frames, info = video.read_video(path, 8, threads)
+    frames, info = video_files.read_video(path, 8, threads)
     assert info["decoding"] == "seeking" and info["n_total"] == SEEKABLE_CLIPS[name][1]
-    assert info["indices"] == video.sample_frame_indices(info["n_total"], info["fps"], 8)
+    assert info["indices"] == video_files.sample_frame_indices(info["n_total"], info["fps"], 8)
     assert len(set(info["indices"])) == 8
     assert np.array_equal(frames, front_to_back(path, info["indices"]))
 
@@ -275,23 +275,23 @@ def test_seeking_decodes_only_from_each_keyframe(seekable_clips, monkeypatch):
     for 130, to 150 for 160 and 190, to 200 for 230: 1 + 30 + 11 + 30 + 31 + 11 + 30 + 31 = 175 frames,
     each once, where a front-to-back decode needs 231. Equality with the reference is the test above."""
     decoded = []
-    real = video.frames_from_keyframe
+    real = video_files.frames_from_keyframe
 
     def counting(*args):
         for number, frame in real(*args):
             decoded.append(number)
             yield number, frame
 
-    monkeypatch.setattr(video, "frames_from_keyframe", counting)
-    _, info = video.read_video(seekable_clips["long GOP, B-frames"], 8)
+    monkeypatch.setattr(video_files, "frames_from_keyframe", counting)
+    _, info = video_files.read_video(seekable_clips["long GOP, B-frames"], 8)
     assert info["indices"] == [0, 30, 60, 90, 130, 160, 190, 230]
     assert len(decoded) == 175 and len(set(decoded)) == 175
 
 
 def test_a_seek_that_goes_wrong_falls_back_to_front_to_back(seekable_clips, monkeypatch):
-    monkeypatch.setattr(video, "frames_from_keyframe", lambda *args: iter(()))  # seeking finds nothing
+    monkeypatch.setattr(video_files, "frames_from_keyframe", lambda *args: iter(()))  # seeking finds nothing
     path = seekable_clips["open GOP"]
-    frames, info = video.read_video(path, 8)
+    frames, info = video_files.read_video(path, 8)
     assert info["decoding"] == "front to back: seeking did not find every sampled frame"
     assert np.array_equal(frames, front_to_back(path, info["indices"]))
 
@@ -299,7 +299,7 @@ def test_a_seek_that_goes_wrong_falls_back_to_front_to_back(seekable_clips, monk
 def test_packets_without_timestamps_are_decoded_front_to_back(tmp_path):
     """A raw H.264 stream has no container timestamps: its frames are numbered as they decode."""
     path = write_clip(tmp_path / "raw.h264", moving_clip(30), options={"g": "10", "bf": "2"}, container_format="h264")
-    frames, info = video.read_video(path, 8)
+    frames, info = video_files.read_video(path, 8)
     assert info["decoding"] == "front to back: packets without timestamps" and info["n_total"] == 30
     assert np.array_equal(frames, front_to_back(path, info["indices"]))
 
@@ -309,19 +309,19 @@ def test_packets_without_timestamps_are_decoded_front_to_back(tmp_path):
 @pytest.mark.parametrize("n_frames, height, width", [(10, 112, 64), (12, 72, 128), (5, 61, 97), (1, 32, 32)])
 def test_written_mp4_counts_and_shapes(tmp_path, n_frames, height, width):
     path = write_clip(tmp_path / "clip.mp4", grey_clip(n_frames, height, width))
-    assert video.probe_video(path)["n_total"] == n_frames
-    frames, info = video.read_video(path, 8)
+    assert video_files.probe_video(path)["n_total"] == n_frames
+    frames, info = video_files.read_video(path, 8)
     assert frames.shape == (8, height, width, 3)
-    assert which_grey_frame(frames) == info["indices"] == video.sample_frame_indices(n_frames, 10, 8)
+    assert which_grey_frame(frames) == info["indices"] == video_files.sample_frame_indices(n_frames, 10, 8)
 
 
 def test_three_frame_clips_repeat_frames(tmp_path):
     mp4 = write_clip(tmp_path / "three.mp4", grey_clip(3, 48, 64))
-    frames, info = video.read_video(mp4, 8)
+    frames, info = video_files.read_video(mp4, 8)
     assert info["indices"] == which_grey_frame(frames) == [0, 0, 0, 1, 1, 2, 2, 2]
     colors = np.broadcast_to(COLORS[:, None, None, :], (3, 61, 97, 3)).copy()  # red, green, blue frames
     gif = write_clip(tmp_path / "three.gif", colors)
-    frames, info = video.read_video(gif, 8)
+    frames, info = video_files.read_video(gif, 8)
     assert frames.shape == (8, 61, 97, 3) and info["n_total"] == 3
     expected = COLORS[[0, 0, 0, 1, 1, 2, 2, 2]].astype(int)  # RGB order, not BGR (rgb8 stores 255 as 252)
     assert np.abs(frames[:, 30, 48].astype(int) - expected).max() <= 8
@@ -352,13 +352,13 @@ def test_frames_come_back_upright(tmp_path, matrix, turn):
     frames = moving_clip(20, 32, 64)  # landscape as stored
     frames[:, :8, :8] = (255, 0, 0)  # a red corner at the stored top left
     path = with_track_matrix(write_clip(tmp_path / "phone.mp4", frames, options={"g": "5"}), *matrix)
-    upright, info = video.read_video(path, 8)
+    upright, info = video_files.read_video(path, 8)
     assert info["decoding"] == "seeking"
     assert np.array_equal(upright, turn(front_to_back(path, info["indices"])))
     if matrix == (0, 1, -1, 0):  # the phone: a portrait picture, the red corner now at the top right
         assert upright.shape == (8, 64, 32, 3)
         assert upright[0, 2, -3, 0] > 200 and upright[0, 2, 2, 0] < 150
-        assert video.letterbox_box(*upright.shape[1:3]) == (0, 112, 448, 224)  # letterboxed as portrait
+        assert video_files.letterbox_box(*upright.shape[1:3]) == (0, 112, 448, 224)  # letterboxed as portrait
 
 
 def test_reading_leaves_nothing_a_forked_worker_can_hang_on(tmp_path):
@@ -370,7 +370,7 @@ def test_reading_leaves_nothing_a_forked_worker_can_hang_on(tmp_path):
     gc.collect()
     gc.disable()  # keep the read's garbage for the child
     try:
-        video.read_video(path, 8, threads=2)
+        video_files.read_video(path, 8, threads=2)
         child = multiprocessing.get_context("fork").Process(target=gc.collect)
         child.start()
         child.join(timeout=60)
@@ -451,7 +451,7 @@ def bad_files(tmp_path):
 def test_bad_files_raise_video_error_naming_the_file(tmp_path):
     for name, (path, reason) in bad_files(tmp_path).items():
         with pytest.raises(VideoError) as caught:
-            video.read_video(path, 8)
+            video_files.read_video(path, 8)
         assert str(path) in str(caught.value) and reason in str(caught.value), name
 
 
@@ -473,7 +473,7 @@ def test_metadata_that_is_not_utf8_does_not_matter(tmp_path):
     titled.write_bytes(data.replace(b"TITLE-XY", b"TITLE\xe9\xff\xfe"))  # Latin-1 and stray bytes
     with pytest.raises(UnicodeDecodeError):
         av.open(str(titled)).close()  # what PyAV does by default
-    frames, _ = video.read_video(titled, 8)
+    frames, _ = video_files.read_video(titled, 8)
     assert which_grey_frame(frames) == [0, 0, 1, 2, 2, 3, 4, 4]
 
 
@@ -491,9 +491,9 @@ def test_file_missing_a_few_frames_is_sampled_from_those_there_are(tmp_path):
     half are: we sample 8 from those 19, with a warning, rather than fail or return fewer than 8."""
     cut = cut_mp4(tmp_path, 0.95)
     with pytest.warns(UserWarning, match=f"{re.escape(str(cut))}: 20 frames by the container, 19 in the file; sampling"):
-        frames, info = video.read_video(cut, 8)
+        frames, info = video_files.read_video(cut, 8)
     assert len(frames) == 8 and info["n_header"] == 20 and info["n_total"] == 19
-    assert info["indices"] == video.sample_frame_indices(19, 10, 8)
+    assert info["indices"] == video_files.sample_frame_indices(19, 10, 8)
     assert np.array_equal(frames, front_to_back(cut, info["indices"]))
 
 
@@ -503,12 +503,12 @@ def test_file_whose_last_packets_do_not_decode_is_sampled_from_those_that_do(tmp
     cut = cut_mp4(tmp_path, 0.75)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        frames, info = video.read_video(cut, 8)
+        frames, info = video_files.read_video(cut, 8)
     # how decoding ends (an error, or a clean end) depends on FFmpeg's thread count; the count does not
     assert len(caught) == 1 and re.fullmatch(f"{re.escape(str(cut))}: 20 frames by the container, 12 decoded( \\(.*\\))?; "
                                              f"sampling from those", str(caught[0].message))
     assert (info["n_total"], info["count_source"]) == (12, "decoded")
-    assert info["indices"] == video.sample_frame_indices(12, 10, 8)
+    assert info["indices"] == video_files.sample_frame_indices(12, 10, 8)
     assert np.array_equal(frames, front_to_back(cut, info["indices"]))
 
 
@@ -519,7 +519,7 @@ def test_file_with_fewer_than_half_its_frames_is_refused(tmp_path, fraction, acc
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # refused, not warned about
         with pytest.raises(VideoError, match=f"{re.escape(str(cut))}: {account}: fewer than half"):
-            video.read_video(cut, 8)
+            video_files.read_video(cut, 8)
 
 
 def test_multi_frame_file_of_which_one_frame_decodes_is_refused(tmp_path):
@@ -530,10 +530,10 @@ def test_multi_frame_file_of_which_one_frame_decodes_is_refused(tmp_path):
     two = tmp_path / "two.mp4"
     two.write_bytes(fast[:second.pos + second.size])  # the first two packets of 20
     with pytest.raises(VideoError, match="20 frames by the container, 2 in the file: fewer than half"):
-        video.read_video(two, 8)
+        video_files.read_video(two, 8)
     info = {"path": "x.mp4", "n_expected": 2}
     with pytest.raises(VideoError, match="x.mp4: 2 frames by the container, 1 decoded: fewer than half"):
-        video.require_enough_frames(info, 1, "decoded")
+        video_files.require_enough_frames(info, 1, "decoded")
 
 
 # --- geometry -------------------------------------------------------------------------------
@@ -553,9 +553,9 @@ def release_box(height, width):
 def test_letterbox_box_is_the_release_rule():
     for height in range(1, 400, 7):
         for width in (1, 3, 61, 97, 100, 224, 360, 448, 640, 720, 1280, 1920):
-            assert video.letterbox_box(height, width) == release_box(height, width)
+            assert video_files.letterbox_box(height, width) == release_box(height, width)
             teacher = tuple(value // 2 for value in release_box(height, width))
-            assert video.letterbox_box(height, width, canvas=224, patch=14, window=1) == teacher
+            assert video_files.letterbox_box(height, width, canvas=224, patch=14, window=1) == teacher
 
 
 @pytest.mark.parametrize("height, width, tokens", [
@@ -567,7 +567,7 @@ def test_letterbox_box_is_the_release_rule():
 ])
 def test_letterbox_mask_and_tokens(height, width, tokens):
     frames = np.full((2, height, width, 3), 200, dtype=np.uint8)
-    clip = video.letterbox(frames)
+    clip = video_files.letterbox(frames)
     assert clip.shape == (2, 4, 448, 448) and clip.dtype == torch.float32
     mask = clip[:, 3]
     assert set(mask.unique().tolist()) <= {0.0, 1.0} and (mask[0] == mask[1]).all()
@@ -578,7 +578,7 @@ def test_letterbox_mask_and_tokens(height, width, tokens):
         assert start % 28 == 0 and end % 28 == 0
         assert start // 28 == (16 - (end - start) // 28) // 2
     assert visual_token_count(mask[0]) == visual_token_count((bottom - top, right - left)) == tokens
-    fill = (torch.tensor(video.LETTERBOX_FILL) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    fill = (torch.tensor(video_files.LETTERBOX_FILL) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     outside = clip[0, :3][:, mask[0] == 0]  # (3, n) padding pixels
     if outside.numel():
         assert torch.allclose(outside, fill[:, None].expand_as(outside)) and fill.abs().max() < 0.02
@@ -592,31 +592,31 @@ def test_letterbox_is_the_release_arithmetic_bit_for_bit(shape, canvas, window):
     """The release pastes the resized frames on a filled uint8 canvas, normalises the whole canvas
     (/ 255, - mean, / std in float32) and appends the mask: letterbox gives exactly those values."""
     frames = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    top, left, height, width = video.letterbox_box(*shape[1:3], canvas, 14, window)
+    top, left, height, width = video_files.letterbox_box(*shape[1:3], canvas, 14, window)
     pasted = np.empty((shape[0], canvas, canvas, 3), dtype=np.uint8)
-    pasted[:] = video.LETTERBOX_FILL
+    pasted[:] = video_files.LETTERBOX_FILL
     for t in range(shape[0]):
         pasted[t, top:top + height, left:left + width] = np.asarray(
             Image.fromarray(frames[t]).resize((width, height), Image.Resampling.BICUBIC))
     mask = torch.zeros(shape[0], 1, canvas, canvas)
     mask[:, :, top:top + height, left:left + width] = 1.0
     expected = torch.cat([normalize_frames(pasted), mask], dim=1)
-    assert torch.equal(video.letterbox(frames, canvas, 14, window), expected)
+    assert torch.equal(video_files.letterbox(frames, canvas, 14, window), expected)
 
 
 def test_letterbox_smaller_canvas():
-    clip = video.letterbox(np.zeros((3, 90, 160, 3), dtype=np.uint8), canvas=112)
+    clip = video_files.letterbox(np.zeros((3, 90, 160, 3), dtype=np.uint8), canvas=112)
     assert clip.shape == (3, 4, 112, 112)
     # ceil(112 * 90 / 160 / 28) = ceil(2.25) = 3 of 4 windows tall; the odd padding window goes below
-    assert video.letterbox_box(90, 160, canvas=112) == (0, 0, 84, 112)
+    assert video_files.letterbox_box(90, 160, canvas=112) == (0, 0, 84, 112)
     with pytest.raises(ValueError, match="28"):
-        video.letterbox_box(90, 160, canvas=100)
+        video_files.letterbox_box(90, 160, canvas=100)
 
 
 def test_resize_center_crop():
     frames = np.zeros((2, 60, 100, 3), dtype=np.uint8)
     frames[:, :, 40:60] = 255  # a white band in the middle
-    clip = video.resize_center_crop(frames, 48)
+    clip = video_files.resize_center_crop(frames, 48)
     assert clip.shape == (2, 3, 48, 48)  # 60x100 -> 48x80, crop columns 16..64
     white = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(clip[0, :, 24, 24], white, atol=1e-5)
@@ -626,7 +626,7 @@ def test_resize_center_crop():
 def test_hflip_moves_frames_and_mask_together():
     frames = np.zeros((2, 112, 64, 3), dtype=np.uint8)
     frames[:, :, :8] = 255  # white left edge
-    clip = video.letterbox(frames)
+    clip = video_files.letterbox(frames)
     flipped = hflip(clip)
     assert torch.equal(hflip(flipped), clip)
     cols = torch.nonzero(flipped[0, 3].any(0)).flatten()
@@ -658,11 +658,11 @@ def answer_targets(tokenizer, answers):
 
 def test_vicuna_prompt_text():
     turns = [("what is the cat doing ?", "it sleeps"), ("why ?", "because")]
-    assert render_conversation(video.VICUNA_V1, turns) == (
+    assert render_conversation(video_files.VICUNA_V1, turns) == (
         "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
         "helpful, detailed, and polite answers to the user's questions. USER: <video>\nwhat is the cat doing ? "
         "ASSISTANT: it sleeps</s>USER: why ? ASSISTANT: because</s>")
-    assert render_conversation(video.VIDEOPANDA_V1, [("how many dogs ?", None)]).endswith(
+    assert render_conversation(video_files.VIDEOPANDA_V1, [("how many dogs ?", None)]).endswith(
         "answers to the human's questions. USER: <video>\nhow many dogs ? ASSISTANT:")
 
 
@@ -692,7 +692,7 @@ def instruction_files(tmp_path):
 
 def test_instruction_dataset_round_trip(tokenizer, instruction_files):
     path, folder, entries = instruction_files
-    dataset = video.VideoInstructionDataset(path, folder, tokenizer, geometry(112))
+    dataset = video_files.VideoInstructionDataset(path, folder, tokenizer, geometry(112))
     assert len(dataset) == 2
     for item, entry in zip(dataset, entries):
         ids, labels = item["input_ids"], item["labels"]
@@ -708,7 +708,7 @@ def test_instruction_dataset_round_trip(tokenizer, instruction_files):
     at = ids.index(VIDEO_PLACEHOLDER)
     assert ids[at - 2:at] == [tokenizer.token_to_id("USER"), tokenizer.token_to_id(":")]
     assert ids[at + 1:at + 3] == [tokenizer.token_to_id("what"), tokenizer.token_to_id("is")]
-    batch = video.collate_video_batch([dataset[0], dataset[1]], pad_id=1)
+    batch = video_files.collate_video_batch([dataset[0], dataset[1]], pad_id=1)
     assert batch["videos"].shape == (2, 8, 4, 112, 112) and batch["id"] == ["one", "two"]
     assert batch["lengths"].tolist() == [len(dataset[0]["input_ids"]), len(dataset[1]["input_ids"])]
     short = int(batch["lengths"][1])
@@ -720,13 +720,13 @@ def test_instruction_entry_missing_a_field(tokenizer, instruction_files):
     path, folder, entries = instruction_files
     no_video = [entries[0], {k: v for k, v in entries[1].items() if k != "video"}]
     with pytest.raises(AnnotationError, match=r"entry 1 \(id 'two'\): missing field 'video'"):
-        video.VideoInstructionDataset(write_json(folder / "bad.json", no_video), folder, tokenizer, geometry(56))
+        video_files.VideoInstructionDataset(write_json(folder / "bad.json", no_video), folder, tokenizer, geometry(56))
     no_value = json.loads(json.dumps(entries))
     del no_value[0]["conversations"][3]["value"]
     with pytest.raises(AnnotationError, match=r"entry 0 \(id 'one'\), turn 3: missing field 'value'"):
-        video.VideoInstructionDataset(write_json(folder / "bad2.json", no_value), folder, tokenizer, geometry(56))
+        video_files.VideoInstructionDataset(write_json(folder / "bad2.json", no_value), folder, tokenizer, geometry(56))
     with pytest.warns(UserWarning, match="skipped 1 invalid"):
-        lenient = video.VideoInstructionDataset(folder / "bad.json", folder, tokenizer, geometry(56), on_error="skip")
+        lenient = video_files.VideoInstructionDataset(folder / "bad.json", folder, tokenizer, geometry(56), on_error="skip")
     assert len(lenient) == 1 and "'video'" in lenient.invalid_entries[0]
 
 
@@ -734,29 +734,29 @@ def test_skip_policy_reports_the_skipped_ids(tokenizer, instruction_files):
     path, folder, entries = instruction_files
     entries = entries + [{**entries[1], "id": "three", "video": "nowhere.mp4"}]
     path = write_json(folder / "with_missing.json", entries)
-    dataset = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56))
-    batch = video.collate_video_batch([dataset[i] for i in range(3)])
+    dataset = video_files.VideoInstructionDataset(path, folder, tokenizer, geometry(56))
+    batch = video_files.collate_video_batch([dataset[i] for i in range(3)])
     assert batch["id"] == ["one", "two"] and batch["videos"].shape[0] == 2
     assert [sample_id for sample_id, _ in batch["skipped"]] == ["three"]
     assert "resolves to no file" in batch["skipped"][0][1]
-    nothing = video.collate_video_batch([dataset[2]])
+    nothing = video_files.collate_video_batch([dataset[2]])
     assert nothing["videos"] is None and len(nothing["skipped"]) == 1
     with pytest.raises(VideoError, match=f"'three'.*'nowhere.mp4'.*{folder}.*--on_error=skip would skip it"):
-        video.apply_error_policy(batch, "raise", [])
+        video_files.apply_error_policy(batch, "raise", [])
     skipped = []
-    video.apply_error_policy(batch, "skip", skipped)
+    video_files.apply_error_policy(batch, "skip", skipped)
     assert len(skipped) == 1 and skipped[0].startswith("sample 'three': video 'nowhere.mp4'")
 
 
 def test_train_flip_only_when_asked(tokenizer, instruction_files):
     path, folder, _ = instruction_files
-    still = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56))
-    flipped = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56), train=True, flip_prob=1.0)
+    still = video_files.VideoInstructionDataset(path, folder, tokenizer, geometry(56))
+    flipped = video_files.VideoInstructionDataset(path, folder, tokenizer, geometry(56), train=True, flip_prob=1.0)
     assert torch.equal(still[0]["video"], still[0]["video"])  # evaluation is deterministic
     for k in range(2):  # a landscape mp4 and a square gif
         assert torch.equal(flipped[k]["video"], hflip(still[k]["video"]))
-    cropped = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56, letterbox=False))
-    flipped = video.VideoInstructionDataset(path, folder, tokenizer, geometry(56, letterbox=False), train=True,
+    cropped = video_files.VideoInstructionDataset(path, folder, tokenizer, geometry(56, letterbox=False))
+    flipped = video_files.VideoInstructionDataset(path, folder, tokenizer, geometry(56, letterbox=False), train=True,
                                             flip_prob=1.0)
     assert torch.equal(flipped[0]["video"], hflip(cropped[0]["video"]))
 
@@ -775,8 +775,8 @@ def qa_files(tmp_path):
 
 def test_qa_dataset_round_trip(tokenizer, qa_files):
     questions, answers, folder = qa_files
-    prompts = video.VideoQADataset(questions, answers, folder, tokenizer, geometry(56, letterbox=False))
-    scored = video.VideoQADataset(questions, answers, folder, tokenizer, geometry(56), include_answer=True)
+    prompts = video_files.VideoQADataset(questions, answers, folder, tokenizer, geometry(56, letterbox=False))
+    scored = video_files.VideoQADataset(questions, answers, folder, tokenizer, geometry(56), include_answer=True)
     assert len(prompts) == 3
     for k, (question, answer) in enumerate([("what is the cat doing ?", "sleeps"), ("how many dogs ?", "two"),
                                             ("what color is the cat ?", "red")]):
@@ -794,23 +794,23 @@ def test_qa_missing_video_and_missing_field(tokenizer, qa_files):
     questions, answers, folder = qa_files
     entries = json.loads(questions.read_text()) + [{"video_name": "gone", "question": "why ?", "question_id": "q9"}]
     answer_entries = json.loads(answers.read_text()) + [{"answer": "because", "question_id": "q9"}]
-    dataset = video.VideoQADataset(write_json(folder / "q.json", entries), write_json(folder / "a.json", answer_entries),
+    dataset = video_files.VideoQADataset(write_json(folder / "q.json", entries), write_json(folder / "a.json", answer_entries),
                                   folder, tokenizer, geometry(56))
     assert dataset[3]["id"] == "q9" and re.search(f"'q9'.*'gone'.*{folder}", dataset[3]["skipped"])
     del answer_entries[1]["answer"]
     with pytest.raises(AnnotationError, match=r"a2.json: entry 1 \(id 1\): missing field 'answer'"):
-        video.VideoQADataset(questions, write_json(folder / "a2.json", answer_entries), folder, tokenizer, geometry(56))
+        video_files.VideoQADataset(questions, write_json(folder / "a2.json", answer_entries), folder, tokenizer, geometry(56))
 
 
 def test_dataloader_workers(tokenizer, qa_files):
     questions, answers, folder = qa_files
-    dataset = video.VideoQADataset(questions, answers, folder, tokenizer, geometry(56), include_answer=True)
+    dataset = video_files.VideoQADataset(questions, answers, folder, tokenizer, geometry(56), include_answer=True)
     pickle.loads(pickle.dumps(dataset))  # what a spawned worker gets
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2,
-                                         collate_fn=functools.partial(video.collate_video_batch, pad_id=1))
+                                         collate_fn=functools.partial(video_files.collate_video_batch, pad_id=1))
     batches = list(loader)
     assert [batch["id"] for batch in batches] == [["q0", "1"], ["q2"]]
-    expected = video.collate_video_batch([dataset[0], dataset[1]], pad_id=1)
+    expected = video_files.collate_video_batch([dataset[0], dataset[1]], pad_id=1)
     for key in ("videos", "input_ids", "labels", "lengths"):
         assert torch.equal(batches[0][key], expected[key]), key
     assert batches[0]["videos"].shape == (2, 8, 4, 56, 56) and batches[1]["answer"] == ["red"]
@@ -822,7 +822,7 @@ def one_clip_dataset(tokenizer, folder, frames, size=448, teacher_size=224, **op
     write_clip(folder / "clip.mp4", frames)
     entries = [{"id": "clip", "video": "clip.mp4", "conversations": [
         {"from": "human", "value": "<video>\nwhat is the cat doing ?"}, {"from": "gpt", "value": "it sleeps"}]}]
-    return video.VideoInstructionDataset(write_json(folder / "one.json", entries), folder, tokenizer, geometry(size),
+    return video_files.VideoInstructionDataset(write_json(folder / "one.json", entries), folder, tokenizer, geometry(size),
                                          teacher_size=teacher_size, **options)
 
 
@@ -833,9 +833,9 @@ def test_teacher_video_is_the_student_layout_at_half_size(tokenizer, tmp_path, h
     assert student.shape == (8, 4, 448, 448) and teacher.shape == (8, 4, 224, 224)
     for t in range(8):
         assert tuple(2 * value for value in valid_box(teacher[t, 3])) == valid_box(student[t, 3])
-    frames, _ = video.read_video(tmp_path / "clip.mp4", 8)
-    assert torch.equal(teacher, video.letterbox(frames, 224, 14, 1))  # the same decoded frames
-    batch = video.collate_video_batch([item, item])
+    frames, _ = video_files.read_video(tmp_path / "clip.mp4", 8)
+    assert torch.equal(teacher, video_files.letterbox(frames, 224, 14, 1))  # the same decoded frames
+    batch = video_files.collate_video_batch([item, item])
     assert batch["teacher_videos"].shape == (2, 8, 4, 224, 224) and "teacher_video" not in batch
     assert torch.equal(batch["teacher_videos"][1], teacher)
 
@@ -859,7 +859,7 @@ def test_teacher_video_flips_with_the_student_video(tokenizer, tmp_path):
 def test_teacher_size_must_fit_the_patch(tokenizer, tmp_path):
     one_clip_dataset(tokenizer, tmp_path, moving_clip(2, 32, 32))  # writes clip.mp4 and one.json
     with pytest.raises(ValueError, match=r"teacher_size must be 0 \(no teacher\) or a multiple of 14, got 200"):
-        video.VideoInstructionDataset(tmp_path / "one.json", tmp_path, tokenizer, geometry(448), teacher_size=200)
+        video_files.VideoInstructionDataset(tmp_path / "one.json", tmp_path, tokenizer, geometry(448), teacher_size=200)
 
 
 # --- training batches through worker processes ----------------------------------------------
@@ -871,12 +871,13 @@ def test_batches_with_workers_cross_epochs_in_the_plan_order(tokenizer, tmp_path
     entries = [{"id": f"s{k}", "video": clip.name if k < 4 else "gone.mp4", "conversations": [
         {"from": "human", "value": "<video>\nwhy ?"}, {"from": "gpt", "value": "because"}]}
         for k, clip in enumerate(clips + clips[:1])]
-    dataset = video.VideoInstructionDataset(write_json(tmp_path / "five.json", entries), tmp_path, tokenizer,
+    dataset = video_files.VideoInstructionDataset(write_json(tmp_path / "five.json", entries), tmp_path, tokenizer,
                                             geometry(56), train=True, on_error="skip", decode_threads=1)
     runs = {}
     for workers in (0, 2):
         skipped = []
-        stream = video.batches(dataset, 2, 7, (0, 1), "skip", skipped, num_workers=workers)
+        plan = video_files.BatchPlan(batch_size=2, seed=7, num_workers=workers)
+        stream = video_files.batches(dataset, plan, (0, 1), "skip", skipped)
         runs[workers] = [(batch["id"], place) for batch, place in islice(stream, 7)], skipped
     assert runs[0] == runs[2]
     taken, skipped = runs[2]
@@ -890,16 +891,16 @@ def test_batches_with_workers_cross_epochs_in_the_plan_order(tokenizer, tmp_path
 def test_batches_stop_when_no_sample_of_an_epoch_loads(tokenizer, tmp_path):
     entries = [{"id": f"s{k}", "video": "gone.mp4", "conversations": [
         {"from": "human", "value": "<video>\nwhy ?"}, {"from": "gpt", "value": "because"}]} for k in range(3)]
-    dataset = video.VideoInstructionDataset(write_json(tmp_path / "none.json", entries), tmp_path, tokenizer,
+    dataset = video_files.VideoInstructionDataset(write_json(tmp_path / "none.json", entries), tmp_path, tokenizer,
                                             geometry(56), on_error="skip")
     with pytest.raises(VideoError, match="not one of its 3 samples loads; the last reason: sample 's.'"):
-        next(video.batches(dataset, 2, 0, (0, 0), "skip", [], num_workers=0))
+        next(video_files.batches(dataset, video_files.BatchPlan(2, 0, num_workers=0), (0, 0), "skip", []))
 
 
-# --- tools/loader_bench.py ------------------------------------------------------------------
+# --- real_video/loader_bench.py ------------------------------------------------------------------
 
 def test_loader_bench_answers_help_and_measures_a_folder(tmp_path, capsys):
-    from tools import loader_bench
+    from real_video import loader_bench
     with pytest.raises(SystemExit) as done:
         loader_bench.main(["--help"])
     assert done.value.code == 0 and "--workers=" in capsys.readouterr().out
@@ -924,14 +925,14 @@ def test_frame_cache_gives_the_items_of_a_decode_without_decoding(tokenizer, tmp
     written = first[0]
     entries = list(cache.glob("*/*.npz"))
     assert len(entries) == 1
-    monkeypatch.setattr(video, "read_video", lambda *args: pytest.fail("decoded although the cache holds the frames"))
-    again = video.VideoInstructionDataset(tmp_path / "one.json", tmp_path, tokenizer, geometry(112), teacher_size=56,
+    monkeypatch.setattr(video_files, "read_video", lambda *args: pytest.fail("decoded although the cache holds the frames"))
+    again = video_files.VideoInstructionDataset(tmp_path / "one.json", tmp_path, tokenizer, geometry(112), teacher_size=56,
                                           frame_cache=str(cache))[0]
     for item in (written, again):
         assert torch.equal(item["video"], plain["video"]) and torch.equal(item["teacher_video"], plain["teacher_video"])
     # other settings are another entry: the centre crop at 56 px, without a teacher, decodes
     monkeypatch.undo()
-    cropped = video.VideoInstructionDataset(tmp_path / "one.json", tmp_path, tokenizer, geometry(56, letterbox=False),
+    cropped = video_files.VideoInstructionDataset(tmp_path / "one.json", tmp_path, tokenizer, geometry(56, letterbox=False),
                                             frame_cache=str(cache))[0]
     assert cropped["video"].shape == (8, 3, 56, 56) and len(list(cache.glob("*/*.npz"))) == 2
 

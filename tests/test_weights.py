@@ -1,5 +1,5 @@
-"""Tests of weights.py: Hugging Face Llama-family checkpoints, the release's layout, our exports in both layouts,
-and tools/export.py. transformers is a test-only dependency: it writes the reference checkpoints, computes the
+"""Tests of checkpoints/checkpoint_dirs.py: Hugging Face Llama-family checkpoints, the release's layout, our exports in both layouts,
+and checkpoints/export.py. transformers is a test-only dependency: it writes the reference checkpoints, computes the
 reference outputs and loads our Hugging Face-layout exports as any user of the base LLM would."""
 
 import json
@@ -14,11 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-import common
+from tools import cli
+
+from checkpoints import run_files
 from checkpoint_files import write_bin
 from panda import VIDEO_PLACEHOLDER, KVCache, PandaConfig, VideoPanda, rope_inv_freq
-from tools import export as export_tool
-from weights import CheckpointError, config_from_hf, from_pretrained, save_pretrained
+from checkpoints import export as export_tool
+from checkpoints.checkpoint_dirs import CheckpointError, config_from_hf, from_pretrained, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -74,8 +76,8 @@ def our_greedy(decoder, ids, n):
     out = []
     for step in range(n):
         out.append(decoder.lm_head(h[:, -1]).argmax(-1))
-        seen = (slots <= L + step).view(1, 1, 1, -1)  # the prompt and the new tokens so far
-        h = decoder(decoder.embed_tokens(out[-1][:, None]), slots[None, L + step:L + step + 1], mask=seen,
+        seen = (slots <= L + step)[None]  # (1, slots): the prompt and the new tokens so far
+        h = decoder(decoder.embed_tokens(out[-1][:, None]), slots[None, L + step:L + step + 1], visible=seen,
                     cache=cache, slots=slots[L + step:L + step + 1])
     return torch.stack(out, 1)
 
@@ -241,7 +243,7 @@ def test_official_checkpoint_loads_with_the_paper_geometry_and_runs_end_to_end(o
     assert out.shape == (1, 3) and bool(((out >= 0) & (out < 128)).all())
 
 
-# official key under model.video_tower. -> ours under stab., restated here independently of weights.py
+# official key under model.video_tower. -> ours under stab., restated here independently of checkpoints/checkpoint_dirs.py
 RENAMED = {"class_embedding": "fsra.query", "split_embedding": "split_token", "balance": "balance",
            "patch_embedding.weight": "patch_embed.weight", "lmhra1.pos_embed.0.weight": "lste.norm.weight",
            "lmhra1.pos_embed.0.running_mean": "lste.norm.running_mean",
@@ -557,13 +559,13 @@ def test_release_layout_refuses_what_the_release_cannot_build(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# --------------------------------------------------------------------------- tools/export.py
+# --------------------------------------------------------------------------- checkpoints/export.py
 
 def test_export_tool_converts_a_training_checkpoint(tmp_path, capsys):
     model = panda_model()
     run = tmp_path / "run"
     run.mkdir()
-    common.save_checkpoint(run / "ckpt.pt", {"model": model.state_dict(), "model_config": asdict(model.cfg)})
+    run_files.save_checkpoint(run / "ckpt.pt", {"model": model.state_dict(), "model_config": asdict(model.cfg)})
     tiny_tokenizer().save(str(run / "tokenizer.json"))
     export_tool.main([f"--checkpoint={run}", f"--out={tmp_path / 'hf'}"])
     loaded, tokenizer = from_pretrained(tmp_path / "hf")
@@ -572,7 +574,7 @@ def test_export_tool_converts_a_training_checkpoint(tmp_path, capsys):
     export_tool.main([f"--checkpoint={tmp_path / 'hf'}", "--dtype=bfloat16", f"--out={tmp_path / 'bf16'}"])
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(SystemExit, match=r"^error: the release's code cannot build this model: image_size=32"):
-        common.run(export_tool.main, [f"--checkpoint={run / 'ckpt.pt'}", "--layout=release", f"--out={tmp_path / 'r'}"])
+        cli.run(export_tool.main, [f"--checkpoint={run / 'ckpt.pt'}", "--layout=release", f"--out={tmp_path / 'r'}"])
     assert not (tmp_path / "r").exists()
 
 

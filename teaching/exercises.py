@@ -86,8 +86,8 @@ class FrameQueryFSRA(nn.Module):
 
 
 # --------------------------------------------------------------------------- your answers in a training run
-# python train.py --model_hook=exercises.with_gstra_per_frame --save_every=0   (exercise 2's "Then try")
-# python train.py --model_hook=exercises.with_frame_query_fsra --save_every=0  (exercise 5's "Then try")
+# python train.py --model_hook=teaching.exercises.with_gstra_per_frame --save_every=0   (exercise 2's "Then try")
+# python train.py --model_hook=teaching.exercises.with_frame_query_fsra --save_every=0  (exercise 5's "Then try")
 
 class PerFrameGSTRA(nn.Module):
     """Where the STAB calls GSTRA with a chunk's tokens (N, k*p*p, C), your gstra_per_frame gives one

@@ -1,19 +1,23 @@
-"""What the ViT teacher costs a training step: the paper's stage 1 (prealign: decoder frozen) on one
-GPU, step time and peak memory with distillation off, with the head alone, and with head and teacher.
+"""What the ViT teacher costs a training step: the paper's stage 1 (prealign: decoder frozen) on
+one GPU, step time and peak memory with distillation off, with the head alone, and with head and
+teacher.
 
-    python tools/teacher_bench.py                                        # paper preset, batch 8, GPU
-    python tools/teacher_bench.py --device=cpu --preset=nano --vit=tiny  # smoke run (tests/test_teacher.py)
+    python distillation/teacher_bench.py                  # paper preset, batch 8, GPU
+    python distillation/teacher_bench.py --device=cpu --preset=nano --vit=tiny
+                                                          # a smoke run (tests/test_teacher.py)
 
 The step is train.py's for --stage=prealign: STAB, projector and head trainable (fp32 weights, bf16
-autocast on a GPU), the decoder frozen in bf16 with gradient checkpointing, fused AdamW. Square 8-frame
-videos (the full 16x16 grid: 2184 visual tokens at the paper preset), a 20-token prompt, a 60-token answer.
+autocast on a GPU), the decoder frozen in bf16 with gradient checkpointing, fused AdamW. Square
+8-frame videos (the full 16x16 grid: 2184 visual tokens at the paper preset), a 20-token prompt, a
+60-token answer.
   off      no distillation
   head     the head and its loss against fixed targets: what the head and its hidden-state taps cost
-  teacher  the head against a random-weight ViT-L/14 teacher at 224 px (distill.ViTTeacher), every step
-and the teacher's forward alone on the same batch. The variants run in that order, each adding what it
-needs, so a peak includes the weights the earlier ones made (the teacher's only in the last). Random
-weights and frames: the work is a real run's, the values mean nothing. On a GPU, times are medians of
-CUDA-event timings after warm-up; on a CPU, of the host clock.
+  teacher  the head against a random-weight ViT-L/14 teacher at 224 px
+           (distillation.teachers.ViTTeacher), every step
+and the teacher's forward alone on the same batch. The variants run in that order, each adding
+what it needs, so a peak includes the weights the earlier ones made (the teacher's only in the
+last). Random weights and frames: the work is a real run's, the values mean nothing. On a GPU,
+times are medians of CUDA-event timings after warm-up; on a CPU, of the host clock.
 """
 
 import json
@@ -25,13 +29,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, wherever this runs from
-import common  # noqa: E402
-from distill import DistillHead, ViT, ViTConfig, ViTTeacher, distill_loss  # noqa: E402
+# The repository root on the path, wherever this script runs from
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools import cli  # noqa: E402
+from distillation.teachers import (  # noqa: E402
+    DistillHead, ViT, ViTConfig, ViTTeacher, distill_loss)
 from panda import IGNORE_INDEX, VIDEO_PLACEHOLDER, PandaConfig, VideoPanda  # noqa: E402
 
-# The teacher's shapes; its frames are sized so that its patch grid is the student's LSD grid (224 px
-# for ViT-L/14 at the paper preset, as the release's teacher).
+# The teacher's shapes; its frames are sized so that its patch grid is the student's LSD grid
+# (224 px for ViT-L/14 at the paper preset, as the release's teacher).
 VITS = {"l14": dict(width=1024, layers=24, heads=16, mlp=4096, patch=14),
         "tiny": dict(width=32, layers=2, heads=2, mlp=64, patch=8)}  # for smoke runs
 
@@ -49,15 +55,16 @@ class BenchConfig:
     json: str = ""         # also write the results here
 
     def __post_init__(self):  # checked as parsed: one line naming the option
-        common.require_ranges(self, positive=("batch", "answer", "steps"), non_negative=("warmup",),
+        cli.require_ranges(self, positive=("batch", "answer", "steps"), non_negative=("warmup",),
                               choices={"vit": VITS})
         if self.prompt < 4:  # make_batch puts the <video> placeholder at position 3
             raise ValueError(f"--prompt must be 4 or more, got {self.prompt}")
 
 
 def make_batch(bc, cfg, teacher_image, device):
-    """Random frames shaped as the datasets make them: student (B, T, 4, S, S) and teacher (B, T, 4,
-    224, 224) at the paper preset, each with a letterbox mask of ones (a square clip); ids and labels."""
+    """Random frames shaped as the datasets make them: student (B, T, 4, S, S) and teacher (B, T,
+    4, 224, 224) at the paper preset, each with a letterbox mask of ones (a square clip); ids and
+    labels."""
     g = torch.Generator(device=device).manual_seed(0)
     B, T = bc.batch, cfg.n_frames
     videos = torch.randn(B, T, 4, cfg.image_size, cfg.image_size, device=device, generator=g)
@@ -72,7 +79,8 @@ def make_batch(bc, cfg, teacher_image, device):
 
 
 def train_step(model, head, teacher, batch, optimizer):
-    """One optimizer step as train.py takes it: LM loss (+ distillation with a head), backward, AdamW."""
+    """One optimizer step as train.py takes it: LM loss (+ distillation with a head), backward,
+    AdamW."""
     with torch.autocast("cuda", torch.bfloat16, enabled=batch["videos"].is_cuda):
         out = model(batch["videos"], batch["input_ids"], batch["labels"], batch["lengths"],
                     return_hidden=head is not None)
@@ -83,8 +91,8 @@ def train_step(model, head, teacher, batch, optimizer):
 
 
 def median_ms(fn, bc, device):
-    """Median milliseconds of fn() over bc.steps calls after bc.warmup; on a GPU the calls are queued
-    back to back between CUDA events and read after one synchronize."""
+    """Median milliseconds of fn() over bc.steps calls after bc.warmup; on a GPU the calls are
+    queued back to back between CUDA events and read after one synchronize."""
     cuda = device.type == "cuda"
     for _ in range(bc.warmup):
         fn()
@@ -119,11 +127,13 @@ def measure(name, fn, bc, device, results):
 
 
 def run(bc, device):
-    """The four measurements, each variant building on the last: off, head, teacher, teacher alone."""
+    """The four measurements, each variant building on the last: off, head,
+    teacher, teacher alone."""
     cfg = PandaConfig.preset(bc.preset, grad_checkpoint=True)
     torch.manual_seed(0)
     with torch.device(device):
-        model = VideoPanda(cfg)  # random weights, made where they run (a 7B init on a CPU takes minutes)
+        # Random weights, made where they run (a 7B init on a CPU takes minutes)
+        model = VideoPanda(cfg)
     model.decoder.requires_grad_(False)
     if device.type == "cuda":
         model.decoder.to(torch.bfloat16)  # frozen: bf16, as train.py keeps it
@@ -132,33 +142,39 @@ def run(bc, device):
     batch = make_batch(bc, cfg, vc.image, device)
     visual = [*model.stab.parameters(), *model.projector.parameters()]
     results = []
-    print(f"stage 1, {bc.preset} preset, batch {bc.batch}, {cfg.n_frames} frames of {cfg.image_size} px on {device}; "
+    print(f"stage 1, {bc.preset} preset, batch {bc.batch}, {cfg.n_frames} frames of "
+          f"{cfg.image_size} px on {device}; "
           f"teacher: ViT {vc.width} wide, {vc.layers} layers, {vc.image} px", flush=True)
 
     optimizer = torch.optim.AdamW(visual, lr=1e-5, fused=device.type == "cuda")
     measure("off", lambda: train_step(model, None, None, batch, optimizer), bc, device, results)
 
     head = DistillHead(cfg, vc.width).to(device)
-    optimizer = torch.optim.AdamW(visual + list(head.parameters()), lr=1e-5, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(visual + list(head.parameters()), lr=1e-5,
+                                  fused=device.type == "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    fixed = torch.randn(bc.batch, cfg.n_frames, cfg.grid, cfg.grid, vc.width, device=device, dtype=dtype)
-    measure("head", lambda: train_step(model, head, lambda b: fixed, batch, optimizer), bc, device, results)
+    fixed = torch.randn(bc.batch, cfg.n_frames, cfg.grid, cfg.grid, vc.width, device=device,
+                        dtype=dtype)
+    measure("head", lambda: train_step(model, head, lambda b: fixed, batch, optimizer), bc, device,
+            results)
 
     with torch.device(device):
         teacher = ViTTeacher(ViT(vc), cfg)
-    measure("teacher", lambda: train_step(model, head, teacher, batch, optimizer), bc, device, results)
+    measure("teacher", lambda: train_step(model, head, teacher, batch, optimizer), bc, device,
+            results)
     measure("teacher alone", lambda: teacher(batch), bc, device, results)
 
     ms = {r["variant"]: r["ms"] for r in results}
-    print(f"the teacher's forward is {ms['teacher alone']:.1f} ms, {ms['teacher alone'] / ms['teacher']:.0%} of "
-          f"the step with it; distillation adds {ms['teacher'] - ms['off']:.1f} ms "
+    print(f"the teacher's forward is {ms['teacher alone']:.1f} ms, "
+          f"{ms['teacher alone'] / ms['teacher']:.0%} of the step with it; "
+          f"distillation adds {ms['teacher'] - ms['off']:.1f} ms "
           f"({ms['teacher'] / ms['off'] - 1:+.0%}) to the step without it")
     return results
 
 
 def main(argv):
-    bc = BenchConfig(**common.parse_args(argv, __doc__, BenchConfig)[0])
-    device = common.pick_device(bc.device)
+    bc = BenchConfig(**cli.parse_args(argv, __doc__, BenchConfig)[0])
+    device = cli.pick_device(bc.device)
     results = run(bc, device)
     if bc.json:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -168,4 +184,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

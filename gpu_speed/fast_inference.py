@@ -69,6 +69,7 @@ class FusedAttention(Attention):
     def __init__(self, attn):
         nn.Module.__init__(self)
         self.n_heads, self.n_kv_heads, self.d = attn.n_heads, attn.n_kv_heads, attn.d
+        self.layer = attn.layer  # its buffers in a KVCache
         self.qkv_proj = fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
         self.sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.o_proj = SplitLinear(attn.o_proj)
@@ -139,7 +140,7 @@ def compile_decoding(model, batch=1, slots=None, options=DECODE_OPTIONS):
     tune_on_kernel_time()
     param = next(model.decoder.parameters())
     cache = KVCache(model.cfg, batch, slots or model.cfg.max_seq_len, param.dtype, param.device)
-    for buffer in cache.k + cache.v:
+    for buffer in cache.keys + cache.values:
         torch._dynamo.mark_static_address(buffer)
     model.decode_step = torch.compile(model.decode_step, fullgraph=True, options=options)
     return cache

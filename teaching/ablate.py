@@ -2,10 +2,10 @@
 tabulate held-out exact-match accuracy per question family, mean ± standard deviation over the seeds,
 each variant's change from the full model, and the paper's numbers beside them.
 
-    python tools/ablate.py --sweep=class                 # for a class: LSD and LSTE, short runs, 2 cores
-    python tools/ablate.py                               # all of Table 4 at train.py's defaults (hours on a CPU)
-    python tools/ablate.py --device=cuda --parallel=21   # the same on one GPU, every run side by side
-    python tools/ablate.py --variants=full,no_fsra --seeds=1,2 --train_args="--max_steps=600"
+    python teaching/ablate.py --sweep=class                 # for a class: LSD and LSTE, short runs, 2 cores
+    python teaching/ablate.py                               # all of Table 4 at train.py's defaults (hours on a CPU)
+    python teaching/ablate.py --device=cuda --parallel=21   # the same on one GPU, every run side by side
+    python teaching/ablate.py --variants=full,no_fsra --seeds=1,2 --train_args="--max_steps=600"
 
 Each run is train.py in a folder of its own, out_dir/<variant>-s<seed>/ (train.log, the checkpoint,
 results.json). A run finished there is not repeated and a stopped one resumes, so the same command
@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, wherever this runs from
-import common  # noqa: E402
+from tools import cli  # noqa: E402
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 VARIANTS = {  # name: (the row of the paper's Table 4, train.py's switches, the paper's MSVD-QA / ActivityNet-QA)
@@ -272,14 +272,14 @@ def table(runs):
 def write_results(runs, ac, argv, began):
     """out_dir/results.md: the command, and the table of the runs finished so far; returns its text."""
     done = [r for r in runs if (r.folder / "results.json").exists()]
-    text = (f"python tools/ablate.py {shlex.join(argv)}\n\n{len(done)} of {len(runs)} runs finished after "
+    text = (f"python teaching/ablate.py {shlex.join(argv)}\n\n{len(done)} of {len(runs)} runs finished after "
             f"{clock(time.time() - began)}; train.py {' '.join(shared_options(ac))}\n\n{table(done)}\n")
     (Path(ac.out_dir) / "results.md").write_text(text)
     return text
 
 
 def main(argv):
-    (changes,) = common.parse_args(argv, __doc__, AblateConfig)
+    (changes,) = cli.parse_args(argv, __doc__, AblateConfig)
     ac = replace(AblateConfig(), **changes)
     runs, began = plan(ac), time.time()
     sweep(runs, ac, lambda: write_results(runs, ac, argv, began))
@@ -287,4 +287,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    common.run(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

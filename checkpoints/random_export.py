@@ -1,15 +1,18 @@
-"""A model with random weights, exported like a trained one, with a tokenizer and an instruction file
-over a folder of clips: what a multi-GPU timing run of the 7B stages needs, with no 7B download.
+"""A model with random weights, exported like a trained one, with a tokenizer and an instruction
+file over a folder of clips: what a multi-GPU timing run of the 7B stages needs, with no 7B
+download.
 
-    python tools/random_export.py --out=out/random-paper --videos=../shared/data/videos
-    torchrun --standalone --nproc_per_node=2 train.py --init_from=out/random-paper --stage=pretrain \\
-        --data=out/random-paper/instructions.json --video_folder=../shared/data/videos --fsdp=true ...
+    python checkpoints/random_export.py --out=out/random-paper --videos=../shared/data/videos
+    torchrun --standalone --nproc_per_node=2 train.py --init_from=out/random-paper \\
+        --stage=pretrain --data=out/random-paper/instructions.json \\
+        --video_folder=../shared/data/videos --fsdp=true ...
 
 The weights come from the model's own initialisation (PandaConfig.preset(--preset), any PandaConfig
-field as --key=value), drawn on the GPU when there is one (a second for 7B; minutes on a CPU) and saved
-in --dtype. The tokenizer is a small BPE learnt from the instruction text and the chat template, so
-token counts are those of English text (an answer is ~130 tokens), but its words are not Vicuna's.
-Loss values of such a run mean nothing; its step time and memory are those of real weights.
+field as --key=value), drawn on the GPU when there is one (a second for 7B; minutes on a CPU) and
+saved in --dtype. The tokenizer is a small BPE learnt from the instruction text and the chat
+template, so token counts are those of English text (an answer is ~130 tokens), but its words are
+not Vicuna's. Loss values of such a run mean nothing; its step time and memory are those of real
+weights.
 """
 
 import json
@@ -20,10 +23,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, wherever this runs from
-import common  # noqa: E402
-import video  # noqa: E402
-import weights  # noqa: E402
+# The repository root on the path, wherever this script runs from
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools import cli  # noqa: E402
+from real_video import video_files  # noqa: E402
+from checkpoints import checkpoint_dirs  # noqa: E402
 from panda import PandaConfig, VideoPanda  # noqa: E402
 
 SENTENCES = [  # what a Video-ChatGPT-style answer sounds like; eight of them make one answer
@@ -44,7 +48,7 @@ class ExportConfig:
     videos: str = ""               # the folder of clips the instructions name (required)
     preset: str = "paper"
     samples: int = 24              # instructions, cycling over the clips and the questions
-    dtype: str = "bfloat16"        # of the saved weights (train.py loads them as fp32 master weights)
+    dtype: str = "bfloat16"        # of the saved weights (train.py loads them as fp32 masters)
     device: str = "auto"
     seed: int = 0
 
@@ -61,35 +65,37 @@ def learn_tokenizer():
     """BPE over the answers, the questions and the chat templates, with Llama's special tokens."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
-    texts = SENTENCES + QUESTIONS + [video.VICUNA_V1.system, video.VIDEOPANDA_V1.system, "USER: ASSISTANT:"]
+    texts = SENTENCES + QUESTIONS + [video_files.VICUNA_V1.system, video_files.VIDEOPANDA_V1.system,
+                                     "USER: ASSISTANT:"]
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
     return tokenizer
 
 
 def main(argv):
-    ec_changes, cfg_changes = common.parse_args(argv, __doc__, ExportConfig, PandaConfig)
+    ec_changes, cfg_changes = cli.parse_args(argv, __doc__, ExportConfig, PandaConfig)
     ec = ExportConfig(**ec_changes)
     folder = Path(ec.videos)
-    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in video.VIDEO_EXTENSIONS) \
-        if folder.is_dir() else []
+    names = sorted(p.name for p in folder.iterdir()
+                   if p.suffix.lower() in video_files.VIDEO_EXTENSIONS) if folder.is_dir() else []
     if not names:
         raise ValueError(f"--videos={ec.videos!r}: expected a folder with video files "
-                         f"({', '.join(video.VIDEO_EXTENSIONS)}), found none")
+                         f"({', '.join(video_files.VIDEO_EXTENSIONS)}), found none")
     tokenizer = learn_tokenizer()
     cfg = PandaConfig.preset(ec.preset, **cfg_changes)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than vocab_size="
-                         f"{cfg.vocab_size}: pass a larger --vocab_size")
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than "
+                         f"vocab_size={cfg.vocab_size}: pass a larger --vocab_size")
     torch.manual_seed(ec.seed)
-    with torch.device(common.pick_device(ec.device)):
+    with torch.device(cli.pick_device(ec.device)):
         model = VideoPanda(cfg).to(getattr(torch, ec.dtype))
-    weights.save_pretrained(model, tokenizer, ec.out)
-    (Path(ec.out) / "instructions.json").write_text(json.dumps(instructions(names, ec.samples), indent=1))
+    checkpoint_dirs.save_pretrained(model, tokenizer, ec.out)
+    (Path(ec.out) / "instructions.json").write_text(
+        json.dumps(instructions(names, ec.samples), indent=1))
     n = model.num_params()
     print(f"{ec.out}: {sum(n.values()):,} random parameters ({ec.preset} preset, {ec.dtype}); "
           f"instructions.json: {ec.samples} entries over {len(names)} clips of {folder}")
 
 
 if __name__ == "__main__":
-    common.run(main, sys.argv[1:])
+    cli.run(main, sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Training on several GPUs under torchrun: distributed.py (DDP, FSDP2, sharded checkpoints)."""
